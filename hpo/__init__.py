@@ -1,0 +1,1 @@
+"""The Optuna optimizer: search spaces, target constraints, samplers, storage and resume."""

@@ -1,0 +1,97 @@
+"""The Learner interface every compression algorithm implements, and the learner registry.
+
+The runner drives a learner through: ``search_space(trial)`` (the optimizer proposes
+hyperparameters) -> ``compress(baseline, hparams)`` (a candidate, no long training) ->
+cheap evaluation and target check -> for the best candidate ``finetune`` -> ``finalize``
+(strip wrappers and masks) -> export. Constructors do no I/O and no training.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import tensorflow as tf
+
+from pocketflow.config import TargetConfig, parse_section
+from pocketflow.data.base import Dataset
+from pocketflow.distributed import SingleProcess
+from pocketflow.errors import ConfigError
+from pocketflow.registry import Registry
+from pocketflow.training import TrainSchedule
+
+
+@dataclass
+class LearnerContext:
+    """What a learner may use: the data, the training recipe, the target, the workers."""
+
+    dataset: Dataset
+    schedule: TrainSchedule  # the net's recipe; fine-tuning scales its epochs
+    target: TargetConfig
+    distributed: SingleProcess
+    seed: int = 0
+    baseline_macs: int = 0
+    baseline_tflite_bytes: int = 0
+
+
+class Learner(abc.ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type]  # frozen dataclass of this learner's hyperparameters
+    targets: ClassVar[Tuple[str, ...]] = ()  # target kinds it can meet: speedup, compression, ...
+    searches: ClassVar[bool] = True  # False: one candidate, no Optuna study
+
+    def __init__(self, options: Any, context: LearnerContext) -> None:
+        self.options = options
+        self.context = context
+
+    @classmethod
+    def parse_options(cls, section: Mapping[str, Any], source: str) -> Any:
+        return parse_section(cls.Config, dict(section), f"{cls.name}.", source)
+
+    @classmethod
+    def check_target(cls, target: TargetConfig) -> None:
+        """Reject targets this learner cannot meet, with the kinds it accepts."""
+        unsupported = [kind for kind in target.requested() if kind not in cls.targets]
+        if unsupported:
+            accepted = ", ".join(f"--target-{kind}" for kind in cls.targets) or "no target"
+            raise ConfigError(f"learner '{cls.name}' cannot meet target {', '.join(unsupported)}; "
+                              f"it accepts {accepted}")
+
+    def search_space(self, trial: Any) -> Any:
+        """Hyperparameters for one trial; fixed values in the options pass through."""
+        return self.options
+
+    @abc.abstractmethod
+    def compress(self, model: tf.keras.Model, hparams: Any) -> tf.keras.Model:
+        """A compressed candidate built from ``model`` (which must not be modified)."""
+
+    def finetune(self, model: tf.keras.Model, epochs: float,
+                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+        return model
+
+    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
+        """The plain Keras model to save and export (no wrappers, no masks)."""
+        return model
+
+    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+        """Write the shipped file when it is not the TFLite file; report fields to add to ``best``."""
+        return {}
+
+    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+        """Learner-specific facts about a candidate for the report (e.g. per-layer channels)."""
+        return {}
+
+
+LEARNERS: Registry[type] = Registry("learner", flag="--learner")
+
+
+def register_learner(cls: type) -> type:
+    LEARNERS.add(cls.name, cls)
+    return cls
+
+
+def config_defaults(cls: type) -> Dict[str, Any]:
+    return dataclasses.asdict(cls.Config())

@@ -1,0 +1,185 @@
+"""Command line: flags and ``--set`` override a YAML config; user errors exit 2 with one line.
+
+Exit codes: 0 done, 2 bad input (flag, config, file, data), 3 no candidate met the target
+(the report is still written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+# Flag -> dotted config key. Flags left out keep the YAML/default value.
+FLAG_KEYS: Dict[str, str] = {
+    "learner": "learner",
+    "net": "net",
+    "model": "model",
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "dataset": "data.name",
+    "data_dir": "data.dir",
+    "validation_split": "data.validation_split",
+    "epochs": "train.epochs",
+    "finetune_epochs": "train.finetune_epochs",
+    "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate",
+    "target_speedup": "target.speedup",
+    "target_compression": "target.compression",
+    "target_sparsity": "target.sparsity",
+    "target_bits": "target.bits",
+    "trials": "hpo.trials",
+    "timeout": "hpo.timeout",
+    "sampler": "hpo.sampler",
+    "storage": "hpo.storage",
+    "study_name": "hpo.study_name",
+    "export": "export.tflite",
+    "quantize_export": "export.quantize",
+    "threads": "export.threads",
+    "latency_runs": "export.latency_runs",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="PocketFlow-TF2: compress a Keras model to a target, export it to TFLite, report what it "
+                    "costs. With no flags: train the built-in digits CNN on scikit-learn's digits.",
+        epilog="Exit status: 0 done; 2 bad input; 3 no candidate met the target (report still written). "
+               "Values from --config are overridden by flags, then by --set.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    add = parser.add_argument
+    general = parser.add_argument_group("run")
+    general.add_argument("--config", metavar="FILE", help="YAML config file (see configs/)", default=None)
+    general.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides", default=[],
+                         help="override any config key, value read as YAML, e.g. --set train.epochs=5 "
+                              "--set 'data.mean=[0.485,0.456,0.406]' (repeatable)")
+    general.add_argument("--learner", help="compression algorithm: full-prec (train/evaluate only), channel, ... "
+                                           "(default full-prec)")
+    general.add_argument("--output-dir", metavar="DIR", help="run directory (default runs/<time>-<learner>-<net>)")
+    general.add_argument("--resume", action="store_true", default=False,
+                         help="continue the run in --output-dir (finished trials are not run again)")
+    general.add_argument("--seed", type=int, help="random seed for splits, training and search (default 0)")
+    general.add_argument("-q", "--quiet", action="store_true", default=False, help="only warnings and the summary")
+
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--net", help="built-in net: digits_cnn, lenet, resnet20/32/44/56, mobilenet_v1/v2 "
+                                     "(default: the dataset's default net)")
+    model.add_argument("--model", metavar="PATH", help="your trained Keras model (.h5, .keras or SavedModel "
+                                                       "dir) used as the baseline instead of a built-in net")
+    model.add_argument("--dataset", help="digits (built in), mnist, fashion-mnist, cifar10, npz, imagenet "
+                                         "(default: the net's dataset, digits for the default net)")
+    model.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset's files")
+    model.add_argument("--validation-split", type=float,
+                       help="fraction of the training data held out for choosing (default 0.1)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=float, help="baseline training epochs; 0 = build or load, evaluate, "
+                                                    "export, no training (default: the net's schedule)")
+    train.add_argument("--finetune-epochs", type=float, help="fine-tuning epochs for the best compressed model "
+                                                             "(default: 20%% of the net's schedule, at least 1)")
+    train.add_argument("--batch-size", type=int, help="training batch size per worker")
+    train.add_argument("--learning-rate", type=float, help="initial learning rate")
+
+    target = parser.add_argument_group("target (what the compressed model must reach)")
+    target.add_argument("--target-speedup", type=float, help="MACs(baseline) / MACs(compressed), e.g. 2.5")
+    target.add_argument("--target-compression", type=float, help="float TFLite bytes / shipped bytes, e.g. 8")
+    target.add_argument("--target-sparsity", type=float, help="fraction of prunable weights that are zero")
+    target.add_argument("--target-bits", type=float, help="parameter-weighted average weight bits")
+
+    search = parser.add_argument_group("search (Optuna)")
+    search.add_argument("--trials", type=int, help="trials in the study (total, shared by all searchers; "
+                                                   "default 20)")
+    search.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    search.add_argument("--sampler", choices=["tpe", "random", "gp", "cmaes"], help="Optuna sampler (default tpe)")
+    search.add_argument("--storage", metavar="URL", help="Optuna storage URL (default "
+                                                         "sqlite:///<output-dir>/study.db)")
+    search.add_argument("--study-name", help="Optuna study name (default: from the run)")
+
+    export = parser.add_argument_group("export")
+    export.add_argument("--export", choices=["tflite", "none"], help="write and measure TFLite files "
+                                                                     "(default tflite)")
+    export.add_argument("--quantize-export", choices=["none", "dynamic", "int8"],
+                        help="also export dynamic-range or full-integer int8 TFLite (default none)")
+    export.add_argument("--threads", type=int, help="TFLite interpreter threads for latency (default 1)")
+    export.add_argument("--latency-runs", type=int, help="timed batch-1 runs after warm-up (default 50)")
+    del add
+    return parser
+
+
+def merged_config_dict(args: argparse.Namespace) -> Tuple[Dict[str, Any], str]:
+    """YAML file, then flags, then --set, as one nested dict; and a description of the sources."""
+    from pocketflow.config import apply_override, load_yaml_file, parse_override
+
+    data: Dict[str, Any] = load_yaml_file(args.config) if args.config else {}
+    source = f"'{args.config}'" if args.config else "the command line"
+    for flag, key in FLAG_KEYS.items():
+        if hasattr(args, flag):
+            value = getattr(args, flag)
+            if flag == "export":
+                value = value == "tflite"
+            apply_override(data, key, value)
+    for text in args.overrides:
+        key, value = parse_override(text)
+        apply_override(data, key, value)
+    if args.overrides:
+        source += " and --set"
+    return data, source
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _summary(report: Dict[str, Any]) -> List[str]:
+    baseline, best = report.get("baseline") or {}, report.get("best") or {}
+    out = [f"run directory: {os.path.dirname(report['config_path'])}"]
+    if baseline:
+        out.append(f"baseline: accuracy {baseline['accuracy']:.4f}, {baseline['macs']:,} MACs, "
+                   f"{baseline['params']:,} params")
+    if best:
+        line = f"result:   accuracy {best['accuracy']:.4f}, {best['macs']:,} MACs"
+        if best.get("speedup"):
+            line += f", speedup {best['speedup']:.2f}x"
+        if best.get("compression"):
+            line += f", compression {best['compression']:.2f}x"
+        if best.get("tflite_latency_ms"):
+            line += f", TFLite {best['tflite_latency_ms']:.3f} ms"
+        out.append(line)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet)
+    from pocketflow.errors import TargetNotMetError, UserError
+
+    try:
+        from learners import LEARNERS
+        from pocketflow.config import build_run_config
+        from pocketflow.runner import Runner
+
+        data, source = merged_config_dict(args)
+        config = build_run_config(data, LEARNERS.names(), source)
+        report = Runner(config, resume=args.resume).run()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except TargetNotMetError as error:
+        print(f"target not met: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if report.get("best") is not None or report.get("baseline") is not None:
+        for line in _summary(report):
+            print(line)
+    return 0

@@ -1,0 +1,337 @@
+"""Typed run configuration: YAML -> dict -> CLI overrides -> frozen dataclasses.
+
+Every value is checked where it enters: an unknown key, a wrong type or a value out of
+range raises ConfigError naming the key, the value, where it came from and the fix.
+Learner sections (top-level keys named after a learner, e.g. ``channel:``) are kept as
+plain dicts here and validated against the learner's own Config dataclass by
+``parse_section``, so this module does not need to know the learners.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+import yaml
+
+from pocketflow.errors import ConfigError
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how raw pixels become model inputs."""
+
+    name: Optional[str] = None  # None: the net's default dataset
+    dir: Optional[str] = None
+    scale: float = 1.0 / 255.0  # raw pixels are multiplied by this first
+    mean: Optional[Tuple[float, ...]] = None  # then (x - mean) / std, per channel
+    std: Optional[Tuple[float, ...]] = None
+    validation_split: float = 0.1  # carved from the training data, used to choose; never the test split
+    image_size: Optional[int] = None  # resize (TFRecord images); None keeps the dataset's size
+    augment: Optional[bool] = None  # None: the net's default (random crop + flip for CIFAR nets)
+
+    def __post_init__(self) -> None:
+        _check(self.scale > 0, "data.scale", self.scale, "must be > 0 (1/255 maps 0-255 pixels to 0-1)")
+        _check(0.0 < self.validation_split < 0.9, "data.validation_split", self.validation_split,
+               "must be in (0, 0.9)")
+        if self.std is not None:
+            _check(all(s > 0 for s in self.std), "data.std", self.std, "every entry must be > 0")
+        if self.mean is not None and self.std is not None:
+            _check(len(self.mean) == len(self.std), "data.std", self.std,
+                   f"must have as many entries as data.mean ({len(self.mean)})")
+        if self.image_size is not None:
+            _check(self.image_size >= 8, "data.image_size", self.image_size, "must be >= 8")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training schedule. None means: use the net's default for that value."""
+
+    epochs: Optional[float] = None  # 0: build or load, evaluate, export; no training
+    finetune_epochs: Optional[float] = None  # fine-tuning of the best compressed candidate
+    batch_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    schedule: Optional[Literal["cosine", "step", "constant"]] = None
+    optimizer: Optional[Literal["sgd", "adam"]] = None
+    weight_decay: Optional[float] = None
+    scale_learning_rate: bool = True  # multiply by the number of Horovod workers
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value >= 0, f"train.{name}", value, "must be >= 0")
+        if self.batch_size is not None:
+            _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        if self.learning_rate is not None:
+            _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        if self.weight_decay is not None:
+            _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """What the compressed model must reach. Learners say which of these they accept."""
+
+    speedup: Optional[float] = None  # baseline MACs / compressed MACs
+    compression: Optional[float] = None  # float TFLite bytes of the baseline / bytes of the shipped file
+    sparsity: Optional[float] = None  # fraction of prunable weights that are zero
+    bits: Optional[float] = None  # parameter-weighted average weight bits
+
+    def __post_init__(self) -> None:
+        if self.speedup is not None:
+            _check(1.0 < self.speedup <= 1000.0, "target.speedup", self.speedup,
+                   "must be > 1 (2.5 means 2.5x fewer multiply-accumulates)")
+        if self.compression is not None:
+            _check(1.0 < self.compression <= 1000.0, "target.compression", self.compression,
+                   "must be > 1 (8 means an 8x smaller file)")
+        if self.sparsity is not None:
+            _check(0.0 < self.sparsity < 1.0, "target.sparsity", self.sparsity,
+                   "must be in (0, 1), e.g. 0.8 for 80% zeros")
+        if self.bits is not None:
+            _check(1.0 <= self.bits <= 16.0, "target.bits", self.bits, "must be in [1, 16]")
+
+    def requested(self) -> Dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class HpoConfig:
+    """The Optuna search."""
+
+    trials: int = 20
+    timeout: Optional[float] = None  # seconds for the whole search
+    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    storage: Optional[str] = None  # Optuna RDB URL; None: sqlite:///<output_dir>/study.db
+    study_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "hpo.trials", self.trials, "must be >= 1")
+        if self.timeout is not None:
+            _check(self.timeout > 0, "hpo.timeout", self.timeout, "must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """TFLite export and the measurements made on the exported file."""
+
+    tflite: bool = True
+    quantize: Literal["none", "dynamic", "int8"] = "none"  # added next to the float file
+    latency_runs: int = 50
+    threads: int = 1
+    representative_samples: int = 200
+
+    def __post_init__(self) -> None:
+        _check(self.latency_runs >= 1, "export.latency_runs", self.latency_runs, "must be >= 1")
+        _check(self.threads >= 1, "export.threads", self.threads, "must be >= 1")
+        _check(self.representative_samples >= 1, "export.representative_samples",
+               self.representative_samples, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; written to <output_dir>/config.yaml so the run can be repeated."""
+
+    learner: str = "full-prec"
+    net: Optional[str] = None  # None: the dataset's default net (digits_cnn for the default dataset)
+    model: Optional[str] = None  # a user's trained Keras model; replaces the built-in net as baseline
+    output_dir: Optional[str] = None
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    hpo: HpoConfig = field(default_factory=HpoConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Learner sections as given (validated against each learner's Config by the learner registry).
+    learners: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+    def learner_section(self, name: str) -> Mapping[str, Any]:
+        return self.learners.get(name, {})
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "learners":
+                out.update({k: dict(v) for k, v in value.items()})
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = _plain(dataclasses.asdict(value))
+            else:
+                out[f.name] = value
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is out of range: it {rule}")
+
+
+def load_yaml_file(path: str) -> Dict[str, Any]:
+    """Read a YAML config file into a dict, with errors that name the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(error, 'problem', error)}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys (learner:, data:, ...), "
+                          f"not a {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """Parse one ``--set section.key=value`` (value read as YAML: numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}' needs the form section.key=value, e.g. --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set '{text}' has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set '{text}': the value '{raw}' is not valid YAML; quote it") from None
+    return key, value
+
+
+def apply_override(data: Dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``a.b.c = value`` inside nested dicts, creating sections as needed."""
+    parts = dotted_key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted_key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_run_config(data: Mapping[str, Any], learner_names: typing.Iterable[str],
+                     source: str = "the configuration") -> RunConfig:
+    """Turn a merged dict into a RunConfig; learner sections are recognised by learner name."""
+    known_learners = set(learner_names)
+    plain: Dict[str, Any] = {}
+    learners: Dict[str, Mapping[str, Any]] = {}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"learners"}
+    for key, value in data.items():
+        if key in fields:
+            plain[key] = value
+        elif key in known_learners:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' in {source} must be a section (a mapping), not {value!r}")
+            learners[key] = dict(value)
+        else:
+            options = sorted(fields) + sorted(known_learners)
+            raise ConfigError(f"unknown key '{key}' in {source}; known keys: {', '.join(options)}")
+    config = parse_section(RunConfig, plain, "", source)
+    return dataclasses.replace(config, learners=learners)
+
+
+def parse_section(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """Build dataclass ``cls`` from a dict, checking keys and types recursively."""
+    where = prefix.rstrip(".") or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where}' in {source} must be a section (a mapping), not {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "learners"}
+    values: Dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown key '{prefix}{key}' in {source}; "
+                              f"known keys in '{where}': {', '.join(sorted(known))}")
+        values[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in {source})") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a type hint; convert where lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _coerce(value, candidate, key, source)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if dataclasses.is_dataclass(hint):
+        return parse_section(hint, value, f"{key}.", source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} = {value!r} in {source} is not allowed; choose one of: "
+                              f"{', '.join(str(a) for a in args)}")
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} in {source} must be a list, e.g. [0.5, 0.5, 0.5]")
+        item_hint = args[0] if args else Any
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} in {source} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} = {value!r} in {source} must be a whole number")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} in {source} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} in {source} must be a string")
+        return value
+    if isinstance(hint, type) and isinstance(value, hint):
+        return value
+    raise ConfigError(f"{key} = {value!r} in {source} has the wrong type; expected {hint}")
+
+
+def dataclass_defaults(cls: type) -> Dict[str, Any]:
+    """The default values of a config dataclass, as a plain dict (for docs and reports)."""
+    return _plain(dataclasses.asdict(cls()))

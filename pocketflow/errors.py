@@ -1,0 +1,21 @@
+"""Exceptions that the CLI turns into exit codes, so user mistakes never show a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (flag, config, file, data). The CLI prints one line and exits 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class DataError(UserError):
+    """A dataset or model file is missing, unreadable or does not fit."""
+
+
+class TargetNotMetError(Exception):
+    """No candidate met the requested target. The report is still written; the CLI exits 3."""
+
+    exit_code = 3

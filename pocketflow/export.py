@@ -1,0 +1,198 @@
+"""TFLite export, and the measurements made on the exported file itself.
+
+A compressed model is judged by what ships: every exported file is run by the TFLite
+interpreter on the test split (accuracy, so Keras/TFLite parity is visible) and timed at
+batch 1 (median over ``runs`` invocations after warm-up, thread count recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+EXPORT_MODES = ("float", "dynamic", "int8")
+
+
+@dataclass(frozen=True)
+class TFLiteMeasurement:
+    mode: str
+    path: str
+    bytes: int
+    accuracy: Optional[float]
+    latency_ms: float
+    latency_p90_ms: float
+    latency_runs: int
+    threads: int
+    input_dtype: str
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def _configure_float(converter: tf.lite.TFLiteConverter, representative: Optional[np.ndarray]) -> None:
+    return None
+
+
+def _configure_dynamic(converter: tf.lite.TFLiteConverter, representative: Optional[np.ndarray]) -> None:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def _configure_int8(converter: tf.lite.TFLiteConverter, representative: Optional[np.ndarray]) -> None:
+    if representative is None or len(representative) == 0:
+        raise ValueError("int8 export needs representative images from the training split")
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+    def samples():
+        for image in representative:
+            yield [image[None].astype(np.float32)]
+
+    converter.representative_dataset = samples
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+
+
+_CONFIGURE: Dict[str, Callable[[tf.lite.TFLiteConverter, Optional[np.ndarray]], None]] = {
+    "float": _configure_float,
+    "dynamic": _configure_dynamic,
+    "int8": _configure_int8,
+}
+
+
+def convert(model: tf.keras.Model, mode: str = "float", representative: Optional[np.ndarray] = None,
+            configure: Optional[Callable[[tf.lite.TFLiteConverter], None]] = None) -> bytes:
+    """Keras model -> TFLite flatbuffer bytes. ``configure`` lets a learner add converter options."""
+    if mode not in _CONFIGURE:
+        raise ValueError(f"unknown export mode '{mode}'; choose one of {', '.join(EXPORT_MODES)}")
+    # Fix the batch dimension to 1 so the file has static shapes; the evaluator resizes it.
+    fixed = _batch_one(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+    _CONFIGURE[mode](converter, representative)
+    if configure is not None:
+        configure(converter)
+    return converter.convert()
+
+
+def _batch_one(model: tf.keras.Model) -> tf.keras.Model:
+    """A batch-1 view of ``model`` (shared weights), so the converted graph is fully static."""
+    shapes = [tuple(i.shape[1:]) for i in model.inputs]
+    if any(None in shape for shape in shapes):
+        return model
+    inputs = [tf.keras.Input(batch_size=1, shape=shape, dtype=i.dtype) for shape, i in zip(shapes, model.inputs)]
+    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    return tf.keras.Model(inputs, outputs)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class TFLiteModel:
+    """A TFLite file loaded in the interpreter, with (de)quantization of int8 inputs and outputs."""
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        self.path = str(path)
+        self.threads = threads
+        self.interpreter = tf.lite.Interpreter(model_path=self.path, num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self.batch = int(self._input["shape"][0])
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self._input["dtype"]).name
+
+    def _quantize(self, images: np.ndarray) -> np.ndarray:
+        dtype = self._input["dtype"]
+        if dtype in (np.int8, np.uint8):
+            scale, zero_point = self._input["quantization"]
+            info = np.iinfo(dtype)
+            return np.clip(np.round(images / scale + zero_point), info.min, info.max).astype(dtype)
+        return images.astype(dtype)
+
+    def _dequantize(self, outputs: np.ndarray) -> np.ndarray:
+        if self._output["dtype"] in (np.int8, np.uint8):
+            scale, zero_point = self._output["quantization"]
+            return (outputs.astype(np.float32) - zero_point) * scale
+        return outputs
+
+    def resize(self, batch: int) -> None:
+        if batch == self.batch:
+            return
+        shape = list(self._input["shape"])
+        shape[0] = batch
+        self.interpreter.resize_tensor_input(self._input["index"], shape)
+        self.interpreter.allocate_tensors()
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self.batch = batch
+
+    def predict(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(images), batch):
+            chunk = images[start:start + batch]
+            self.resize(len(chunk))
+            self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
+            self.interpreter.invoke()
+            outputs.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])).copy())
+        return np.concatenate(outputs)
+
+    def latency(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> tuple:
+        """(median ms, p90 ms) of single-image invocations."""
+        self.resize(1)
+        self.interpreter.set_tensor(self._input["index"], self._quantize(sample[:1]))
+        for _ in range(warmup):
+            self.interpreter.invoke()
+        timings = []
+        for _ in range(runs):
+            begin = time.perf_counter()
+            self.interpreter.invoke()
+            timings.append((time.perf_counter() - begin) * 1000.0)
+        return float(np.median(timings)), float(np.percentile(timings, 90))
+
+
+def tflite_accuracy(model: TFLiteModel, images: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(model.predict(images), axis=-1) == labels))
+
+
+def export_and_measure(model: tf.keras.Model, path: Path, mode: str, *, test_images: np.ndarray,
+                       test_labels: np.ndarray, representative: Optional[np.ndarray] = None,
+                       threads: int = 1, runs: int = 50,
+                       configure: Optional[Callable[[tf.lite.TFLiteConverter], None]] = None) -> TFLiteMeasurement:
+    """Convert, write atomically, then evaluate and time the written file."""
+    payload = convert(model, mode, representative, configure)
+    write_atomic(path, payload)
+    return measure_file(path, mode, test_images=test_images, test_labels=test_labels, threads=threads, runs=runs)
+
+
+def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels: np.ndarray,
+                 threads: int = 1, runs: int = 50) -> TFLiteMeasurement:
+    """Accuracy on the test split and batch-1 latency of an existing TFLite file."""
+    loaded = TFLiteModel(path, threads=threads)
+    accuracy = tflite_accuracy(loaded, test_images, test_labels)
+    median, p90 = loaded.latency(test_images, runs=runs)
+    log.info("tflite %-7s %8.1f KB  accuracy %.4f  latency %.3f ms (batch 1, %d thread%s)", mode,
+             path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s")
+    return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
+                             latency_ms=median, latency_p90_ms=p90, latency_runs=runs, threads=threads,
+                             input_dtype=loaded.input_dtype)

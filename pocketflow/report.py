@@ -1,0 +1,96 @@
+"""The run report: report.json (machine-readable, keys only ever added) and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pocketflow.export import write_atomic
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_report(directory: Path, report: Dict[str, Any]) -> None:
+    report = _clean(report)
+    write_atomic(directory / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(directory / "report.md", render_markdown(report).encode())
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _number(value: Optional[float], digits: int = 2, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value):,}{unit}"
+    return f"{value:.{digits}f}{unit}"
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    baseline = report.get("baseline") or {}
+    best = report.get("best")
+    lines: List[str] = [
+        f"# PocketFlow-TF2 run: {report.get('learner')} on {report.get('net')} / {report.get('dataset')}",
+        "",
+        f"- status: **{report.get('status')}**" + (f" ({report['reason']})" if report.get("reason") else ""),
+        f"- target: {report.get('target') or 'none'}",
+        f"- workers: {report.get('world_size', 1)}; started {report.get('started')}, "
+        f"took {_number(report.get('seconds'), 0, ' s')}",
+        "",
+        "Accuracy is top-1 on the test split (never used to choose anything). MACs are multiply-accumulates "
+        "of Conv/Depthwise/Separable/Dense layers for one image. Bytes are file sizes: the float TFLite file "
+        "for the baseline, the shipped file for the result. Latency: TFLite interpreter, batch 1, median.",
+        "",
+        "| | accuracy | TFLite accuracy | MACs | params | bytes | TFLite latency (ms) |",
+        "|---|---|---|---|---|---|---|",
+        f"| baseline | {_percent(baseline.get('accuracy'))} | {_percent(baseline.get('tflite_accuracy'))} | "
+        f"{_number(baseline.get('macs'))} | {_number(baseline.get('params'))} | {_number(baseline.get('bytes'))} | "
+        f"{_number(baseline.get('tflite_latency_ms'), 3)} |",
+    ]
+    if best:
+        lines.append(
+            f"| result | {_percent(best.get('accuracy'))} | {_percent(best.get('tflite_accuracy'))} | "
+            f"{_number(best.get('macs'))} | {_number(best.get('params'))} | {_number(best.get('bytes'))} | "
+            f"{_number(best.get('tflite_latency_ms'), 3)} |")
+        lines += [
+            "",
+            f"- MAC speedup: **{_number(best.get('speedup'))}x**; measured TFLite latency ratio: "
+            f"{_number(best.get('latency_speedup'))}x",
+            f"- compression (float TFLite bytes of the baseline / bytes of the shipped file): "
+            f"**{_number(best.get('compression'))}x** ({best.get('shipped_format', 'float TFLite')})",
+            f"- accuracy change: {_number(100 * best['accuracy_delta'] if best.get('accuracy_delta') is not None else None)} points",
+            f"- model: `{best.get('model_path')}`",
+            f"- TFLite: `{best.get('tflite_path')}`",
+        ]
+        if best.get("artifact_path"):
+            lines.append(f"- shipped artifact: `{best['artifact_path']}`")
+        for mode, measured in (best.get("exports") or {}).items():
+            lines.append(f"- export {mode}: {_number(measured.get('bytes'))} bytes, accuracy "
+                         f"{_percent(measured.get('accuracy'))}, latency {_number(measured.get('latency_ms'), 3)} ms "
+                         f"(input {measured.get('input_dtype')})")
+        if best.get("hyperparameters"):
+            lines += ["", "Chosen hyperparameters:", "", "```", json.dumps(best["hyperparameters"], indent=2), "```"]
+    else:
+        lines += ["", "No result: " + str(report.get("reason", "no candidate met the target"))]
+    trials = report.get("trials") or {}
+    if trials:
+        lines += ["", f"Trials: {trials.get('completed', 0)} completed, {trials.get('failed', 0)} failed, "
+                      f"{trials.get('pruned', 0)} pruned."]
+    if report.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"

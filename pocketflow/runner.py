@@ -1,0 +1,305 @@
+"""The loop of DESIGN.md: config -> data and baseline -> learner (searched or not) -> fine-tune ->
+finalize -> export -> measure -> report. Only the chief process writes files."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+import learners as learner_registry  # noqa: F401  (registers the learners)
+from learners.base import LEARNERS, Learner, LearnerContext
+from nets import NETS, NetSpec
+from pocketflow import __version__
+from pocketflow.baseline import load_baseline, train_baseline
+from pocketflow.config import RunConfig
+from pocketflow.data import DATASETS, load_dataset
+from pocketflow.data.base import Dataset
+from pocketflow.distributed import SingleProcess, make_context
+from pocketflow.errors import ConfigError, TargetNotMetError, UserError
+from pocketflow.export import TFLiteMeasurement, export_and_measure, write_atomic
+from pocketflow.metrics import count_macs, count_params, weight_bytes
+from pocketflow.model_io import save_model
+from pocketflow.report import write_report
+from pocketflow.training import TrainSchedule, accuracy, resolve_schedule
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATASET = "digits"
+
+
+@dataclass
+class Measurement:
+    """What we know about one model: measured, never estimated."""
+
+    accuracy: float
+    macs: int
+    params: int
+    weight_bytes: int
+    tflite: Dict[str, TFLiteMeasurement] = field(default_factory=dict)
+
+    def fields(self) -> Dict[str, Any]:
+        float_file = self.tflite.get("float")
+        return {
+            "accuracy": self.accuracy,
+            "macs": self.macs,
+            "params": self.params,
+            "bytes": float_file.bytes if float_file else None,
+            "weight_bytes": self.weight_bytes,
+            "tflite_path": float_file.path if float_file else None,
+            "tflite_accuracy": float_file.accuracy if float_file else None,
+            "tflite_latency_ms": float_file.latency_ms if float_file else None,
+        }
+
+
+@dataclass
+class SearchOutcome:
+    """What the optimizer hands back: the best candidate that met the target, or why there is none."""
+
+    candidate: Optional[tf.keras.Model]
+    hyperparameters: Dict[str, Any]
+    trials: Dict[str, int]
+    reason: Optional[str] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_names(config: RunConfig) -> RunConfig:
+    """Fill in the dataset from the net, or the net from the dataset (digits + digits_cnn by default)."""
+    dataset_name, net_name = config.data.name, config.net
+    if net_name is not None:
+        NETS.get(net_name)
+    if dataset_name is None:
+        dataset_name = NETS.get(net_name).default_dataset if net_name else DEFAULT_DATASET
+    spec = DATASETS.get(dataset_name)
+    if net_name is None and config.model is None:
+        net_name = spec.default_net
+        if net_name is None:
+            raise ConfigError(f"dataset '{dataset_name}' has no default net; name one with --net "
+                              f"({', '.join(NETS.names())}) or pass your model with --model")
+    if spec.needs_dir and not config.data.dir:
+        raise ConfigError(f"dataset '{dataset_name}' needs its files: pass --data-dir DIR")
+    return dataclasses.replace(config, net=net_name, data=dataclasses.replace(config.data, name=dataset_name))
+
+
+def default_output_dir(config: RunConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    subject = Path(config.model).stem if config.model else config.net
+    return Path("runs") / f"{stamp}-{config.learner}-{subject}"
+
+
+class Runner:
+    """One run of the product, from a resolved RunConfig to a report in the output directory."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False,
+                 distributed: Optional[SingleProcess] = None) -> None:
+        self.config = config
+        self.resume = resume
+        self.distributed = distributed
+        self.notes: List[str] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare(self) -> None:
+        config = resolve_names(self.config)
+        learner_class = LEARNERS.get(config.learner)
+        learner_class.check_target(config.target)
+        for name, section in config.learners.items():  # catch typos in every learner section
+            LEARNERS.get(name).parse_options(section, "the configuration")
+        self.options = learner_class.parse_options(config.learner_section(config.learner), "the configuration")
+        self.learner_class = learner_class
+        output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
+        self.config = dataclasses.replace(config, output_dir=str(output_dir))
+        self.distributed = self.distributed or make_context()
+        self.output_dir = output_dir
+        if self.distributed.is_chief:
+            self._claim_output_dir()
+            write_atomic(output_dir / "config.yaml", self.config.to_yaml().encode())
+            handler = logging.FileHandler(output_dir / "run.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            logging.getLogger().addHandler(handler)
+        self.distributed.barrier()
+
+    def _claim_output_dir(self) -> None:
+        directory = self.output_dir
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"--output-dir '{directory}' is a file; pass a directory path")
+        finished = (directory / "config.yaml").exists() or (directory / "report.json").exists()
+        if finished and not self.resume:
+            raise UserError(f"--output-dir '{directory}' already holds a run; pass --resume to continue it, "
+                            f"or choose another --output-dir")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UserError(f"cannot write to --output-dir '{directory}' ({error.strerror}); "
+                            f"choose a writable directory") from None
+
+    # ------------------------------------------------------------------ measuring
+    def _measure(self, model: tf.keras.Model, dataset: Dataset, stem: str, modes: List[str]) -> Measurement:
+        keras_accuracy = accuracy(model, dataset.test(256))
+        measurement = Measurement(accuracy=keras_accuracy, macs=count_macs(model), params=count_params(model),
+                                  weight_bytes=weight_bytes(model))
+        export = self.config.export
+        if not export.tflite:
+            return measurement
+        test_images, test_labels = dataset.test_arrays()
+        representative = dataset.sample_train(export.representative_samples, seed=self.config.seed)
+        for mode in modes:
+            suffix = "" if mode == "float" else f"_{mode}"
+            measurement.tflite[mode] = export_and_measure(
+                model, self.output_dir / f"{stem}{suffix}.tflite", mode, test_images=test_images,
+                test_labels=test_labels, representative=representative, threads=export.threads,
+                runs=export.latency_runs)
+        return measurement
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Dict[str, Any]:
+        started = time.time()
+        started_at = datetime.datetime.now().isoformat(timespec="seconds")
+        self._prepare()
+        config = self.config
+        distributed = self.distributed
+        dataset = load_dataset(config.data, config.seed)
+        log.info("dataset %s: %d train, %d validation, %d test, images %s, %d classes", dataset.name,
+                 dataset.num_train, dataset.num_validation, dataset.num_test, dataset.input_shape,
+                 dataset.num_classes)
+        net: Optional[NetSpec] = NETS.get(config.net) if config.net else None
+        schedule = resolve_schedule(net.schedule if net else _user_model_schedule(), config.train, config.data)
+
+        if config.model:
+            baseline_model, source = load_baseline(config.model, dataset), f"file:{config.model}"
+            if not self.learner_class.searches and schedule.epochs > 0:
+                from pocketflow.training import train
+                train(baseline_model, dataset, schedule, distributed=distributed, seed=config.seed,
+                      description="train")
+                source += f" (+{schedule.epochs} epochs)"
+        else:
+            assert net is not None
+            baseline_model, source = train_baseline(net, config.data, dataset, schedule, seed=config.seed,
+                                                    distributed=distributed,
+                                                    use_cache=self.learner_class.searches)
+        baseline = self._measure(baseline_model, dataset, "baseline", ["float"]) if distributed.is_chief else None
+        if baseline:
+            log.info("baseline: accuracy %.4f, %s MACs, %s params", baseline.accuracy,
+                     f"{baseline.macs:,}", f"{baseline.params:,}")
+            if config.model is None:
+                save_model(baseline_model, self.output_dir / "baseline.keras")
+
+        context = LearnerContext(
+            dataset=dataset, schedule=schedule, target=config.target, distributed=distributed, seed=config.seed,
+            baseline_macs=count_macs(baseline_model),
+            baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0)
+        learner: Learner = self.learner_class(self.options, context)
+        outcome = self._search_or_compress(learner, baseline_model, dataset)
+
+        report: Dict[str, Any] = {
+            "pocketflow_version": __version__,
+            "learner": config.learner,
+            "net": config.net or Path(config.model).stem,
+            "dataset": dataset.name,
+            "model_source": source,
+            "status": "completed",
+            "started": started_at,
+            "world_size": distributed.size,
+            "target": config.target.requested(),
+            "trials": outcome.trials,
+            "config_path": str(self.output_dir / "config.yaml"),
+            "environment": _environment(config),
+            "baseline": baseline.fields() if baseline else None,
+            "best": None,
+            "notes": self.notes,
+        }
+        if outcome.details:
+            report["search"] = outcome.details
+
+        if outcome.candidate is None:
+            report.update(status="target_not_met", reason=outcome.reason, seconds=time.time() - started)
+            if distributed.is_chief:
+                write_report(self.output_dir, report)
+            raise TargetNotMetError(f"{outcome.reason}; report written to {self.output_dir / 'report.json'}")
+
+        model = outcome.candidate
+        finetune_epochs = self._finetune_epochs(schedule)
+        if learner.searches and finetune_epochs > 0:
+            log.info("fine-tuning the best candidate for %s epochs", finetune_epochs)
+            model = learner.finetune(model, finetune_epochs)
+        model = learner.finalize(model)
+
+        if distributed.is_chief:
+            report["best"] = self._best_fields(learner, model, dataset, baseline, outcome)
+        report["seconds"] = time.time() - started
+        if distributed.is_chief:
+            write_report(self.output_dir, report)
+        distributed.barrier()
+        return report
+
+    def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,
+                            dataset: Dataset) -> SearchOutcome:
+        if not learner.searches:
+            candidate = learner.compress(baseline_model, self.options)
+            return SearchOutcome(candidate, dataclasses.asdict(self.options),
+                                 {"completed": 0, "failed": 0, "pruned": 0})
+        from hpo.search import run_search  # the optimizer arrives with the search issue
+
+        return run_search(learner, baseline_model, self.config, self.output_dir, resume=self.resume,
+                          distributed=self.distributed)
+
+    def _finetune_epochs(self, schedule: TrainSchedule) -> float:
+        if self.config.train.finetune_epochs is not None:
+            return self.config.train.finetune_epochs
+        return max(1.0, round(schedule.epochs * 0.2, 2))
+
+    def _best_fields(self, learner: Learner, model: tf.keras.Model, dataset: Dataset,
+                     baseline: Measurement, outcome: SearchOutcome) -> Dict[str, Any]:
+        modes = ["float"] + ([self.config.export.quantize] if self.config.export.quantize != "none" else [])
+        model_path = save_model(model, self.output_dir / "model.keras")
+        if not learner.searches and not self.config.model and self.config.export.quantize == "none":
+            measured = dataclasses.replace(baseline)  # full-prec on a built net: the baseline is the result
+        else:
+            measured = self._measure(model, dataset, "model", modes)
+        best = measured.fields()
+        best["model_path"] = str(model_path)
+        best["hyperparameters"] = outcome.hyperparameters
+        best.update(learner.describe(model))
+        artifacts = learner.write_artifacts(model, self.output_dir)
+        best.update(artifacts)
+        shipped_bytes = artifacts.get("artifact_bytes", best["bytes"])
+        base_bytes = baseline.fields()["bytes"]
+        best["speedup"] = baseline.macs / measured.macs if measured.macs else None
+        best["compression"] = base_bytes / shipped_bytes if base_bytes and shipped_bytes else None
+        best.setdefault("shipped_format", "float TFLite")
+        best["accuracy_delta"] = measured.accuracy - baseline.accuracy
+        base_latency = baseline.fields()["tflite_latency_ms"]
+        best["latency_speedup"] = (base_latency / best["tflite_latency_ms"]
+                                   if base_latency and best["tflite_latency_ms"] else None)
+        best["exports"] = {mode: m.as_dict() for mode, m in measured.tflite.items()}
+        return best
+
+
+def _user_model_schedule():
+    """Fine-tuning recipe for a user's model when no built-in net describes it."""
+    from nets import Schedule
+
+    return Schedule(epochs=10, batch_size=128, learning_rate=0.01, schedule="cosine", weight_decay=5e-4)
+
+
+def _environment(config: RunConfig) -> Dict[str, Any]:
+    return {
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "tflite_threads": config.export.threads,
+        "numpy": np.__version__,
+    }

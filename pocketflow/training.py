@@ -1,0 +1,188 @@
+"""Training and evaluation loops shared by every learner.
+
+A custom loop (not ``model.fit``) so that every learner gets the same things for free:
+Horovod gradient averaging through the context's tape, a distillation or other extra loss,
+a hook after each step (sparsity masks), weight decay that works on any user model, and a
+clear failure when the loss diverges.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from nets import Schedule
+from pocketflow.config import DataConfig, TrainConfig
+from pocketflow.data.base import Dataset
+from pocketflow.distributed import SingleProcess
+
+log = logging.getLogger(__name__)
+
+LossFunction = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]  # (images, labels, logits) -> loss
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """A fully resolved training recipe (net defaults overridden by the user's train section)."""
+
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    schedule: str
+    optimizer: str
+    weight_decay: float
+    augment: bool
+    scale_learning_rate: bool = True
+
+    def with_epochs(self, epochs: float) -> "TrainSchedule":
+        return replace(self, epochs=epochs)
+
+
+def resolve_schedule(net_schedule: Schedule, train: TrainConfig, data: DataConfig) -> TrainSchedule:
+    def pick(user_value, default):
+        return default if user_value is None else user_value
+
+    return TrainSchedule(
+        epochs=pick(train.epochs, net_schedule.epochs),
+        batch_size=pick(train.batch_size, net_schedule.batch_size),
+        learning_rate=pick(train.learning_rate, net_schedule.learning_rate),
+        schedule=pick(train.schedule, net_schedule.schedule),
+        optimizer=pick(train.optimizer, net_schedule.optimizer),
+        weight_decay=pick(train.weight_decay, net_schedule.weight_decay),
+        augment=pick(data.augment, net_schedule.augment),
+        scale_learning_rate=train.scale_learning_rate,
+    )
+
+
+def outputs_probabilities(model: tf.keras.Model) -> bool:
+    """True when the model ends in a softmax (so the loss must not apply one again)."""
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return isinstance(last, tf.keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax"
+
+
+def cross_entropy_for(model: tf.keras.Model) -> LossFunction:
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
+
+    def cross_entropy(images: tf.Tensor, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
+        return loss(labels, outputs)
+
+    return cross_entropy
+
+
+def decayed_weights(model: tf.keras.Model) -> List[tf.Variable]:
+    """Convolution and dense kernels: the weights L2 decay applies to (not BN, not biases)."""
+    names = ("kernel", "depthwise_kernel", "pointwise_kernel")
+    return [w for w in model.trainable_weights if any(w.name.split("/")[-1].startswith(n) for n in names)]
+
+
+def _learning_rate(schedule: TrainSchedule, total_steps: int, scale: float):
+    base = schedule.learning_rate * scale
+    total_steps = max(1, total_steps)
+    if schedule.schedule == "cosine":
+        return tf.keras.optimizers.schedules.CosineDecay(base, decay_steps=total_steps, alpha=0.0)
+    if schedule.schedule == "step":
+        bounds = [int(total_steps * 0.5), int(total_steps * 0.75)]
+        return tf.keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [base, base * 0.1, base * 0.01])
+    return base
+
+
+def _optimizer(schedule: TrainSchedule, learning_rate) -> tf.keras.optimizers.Optimizer:
+    if schedule.optimizer == "adam":
+        return tf.keras.optimizers.legacy.Adam(learning_rate)
+    return tf.keras.optimizers.legacy.SGD(learning_rate, momentum=0.9, nesterov=True)
+
+
+def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
+          distributed: SingleProcess | None = None, seed: int = 0,
+          loss_function: Optional[LossFunction] = None,
+          after_step: Optional[Callable[[], None]] = None,
+          description: str = "train") -> List[float]:
+    """Train ``model`` in place for ``schedule.epochs`` (fractions allowed); returns the loss per epoch."""
+    distributed = distributed or SingleProcess()
+    if schedule.epochs <= 0:
+        return []
+    batch_size = min(schedule.batch_size, max(1, data.num_train // distributed.size))
+    steps_per_epoch = max(1, data.num_train // (batch_size * distributed.size))
+    total_steps = max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))
+    scale = distributed.size if schedule.scale_learning_rate else 1
+    optimizer = _optimizer(schedule, _learning_rate(schedule, total_steps, scale))
+    loss_function = loss_function or cross_entropy_for(model)
+    decayed = decayed_weights(model)
+    weight_decay = float(schedule.weight_decay)
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            loss = loss_function(images, labels, outputs)
+            if weight_decay > 0 and decayed:
+                loss += 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(w)) for w in decayed])
+        tape = distributed.wrap_tape(tape)
+        gradients = tape.gradient(loss, variables)
+        optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
+        return loss
+
+    batches = data.train(batch_size, shuffle=True, augment=schedule.augment, seed=seed,
+                         shard=distributed.shard(), repeat=True)
+    losses: List[float] = []
+    epoch_losses: List[float] = []
+    started = time.time()
+    epoch = 0
+    for step_index, (images, labels) in enumerate(batches.take(total_steps)):
+        loss = float(step(images, labels))
+        if step_index == 0:
+            # Every rank starts from rank 0's weights (and optimizer slots).
+            distributed.broadcast_variables(model.variables + optimizer.variables())
+        if after_step is not None:
+            after_step()
+        if not math.isfinite(loss):
+            raise DivergenceError(f"{description}: the loss became {loss} at step {step_index + 1}; "
+                                  f"lower the learning rate (--learning-rate)")
+        epoch_losses.append(loss)
+        last_step = step_index + 1 == total_steps
+        if (step_index + 1) % steps_per_epoch == 0 or last_step:
+            epoch += 1
+            mean_loss = distributed.average(float(np.mean(epoch_losses)))
+            losses.append(mean_loss)
+            epoch_losses = []
+            if distributed.is_chief:
+                elapsed = time.time() - started
+                log.info("%s epoch %d/%s loss %.4f (%.0fs)", description, epoch,
+                         _format_epochs(schedule.epochs), mean_loss, elapsed)
+    return losses
+
+
+def _format_epochs(epochs: float) -> str:
+    return str(int(epochs)) if float(epochs).is_integer() else f"{epochs:.2f}"
+
+
+def predict_logits(model: tf.keras.Model, batches: tf.data.Dataset) -> tuple:
+    """Model outputs and labels over a whole split."""
+
+    @tf.function(reduce_retracing=True)
+    def forward(images: tf.Tensor) -> tf.Tensor:
+        return model(images, training=False)
+
+    outputs, labels = [], []
+    for images, batch_labels in batches:
+        outputs.append(forward(images).numpy())
+        labels.append(batch_labels.numpy())
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def accuracy(model: tf.keras.Model, batches: tf.data.Dataset) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    outputs, labels = predict_logits(model, batches)
+    return float(np.mean(np.argmax(outputs, axis=-1) == labels))

@@ -1,0 +1,24 @@
+"""PocketFlow-TF2 package. Horovod is installed by scripts/install.sh (it must build against TF)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pocketflow-tf2",
+    version="0.1.0",
+    description="Automated model compression for TensorFlow 2 / Keras: search, compress, export to TFLite",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pocketflow", "pocketflow.*", "learners", "learners.*", "hpo", "hpo.*",
+                                    "nets", "nets.*"]),
+    install_requires=[
+        "tensorflow==2.15.1",
+        "tf-keras==2.15.1",
+        "tensorflow-model-optimization>=0.8,<0.9",
+        "optuna>=5,<6",
+        "numpy>=1.26,<2",
+        "pyyaml>=6",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["pocketflow=pocketflow.cli:main"]},
+)
