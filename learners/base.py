@@ -20,6 +20,7 @@ from pocketflow.config import TargetConfig, parse_section
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
+from pocketflow.metrics import count_macs
 from pocketflow.registry import Registry
 from pocketflow.training import TrainSchedule
 
@@ -67,6 +68,19 @@ class Learner(abc.ABC):
     @abc.abstractmethod
     def compress(self, model: tf.keras.Model, hparams: Any) -> tf.keras.Model:
         """A compressed candidate built from ``model`` (which must not be modified)."""
+
+    def reference_params(self) -> Dict[str, Any]:
+        """Parameters of a reference trial run first (e.g. uniform ratios), so the search is never worse."""
+        return {}
+
+    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
+        """The most each target quantity can reach (to stop early on an impossible target); {} if unknown."""
+        return {}
+
+    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
+        """Target quantities of a candidate; the default measures MACs and the MAC speedup."""
+        macs = count_macs(model)
+        return {"macs": float(macs), "speedup": self.context.baseline_macs / macs if macs else float("inf")}
 
     def finetune(self, model: tf.keras.Model, epochs: float,
                  teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:

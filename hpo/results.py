@@ -1,0 +1,147 @@
+"""What the search leaves beside the report: trials.csv, two plots, and a summary for report.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.targets import TARGET_KINDS
+from pocketflow.export import write_atomic
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("macs", "speedup", "compression", "sparsity", "bits")
+
+
+def _rows(study: optuna.Study) -> List[Dict[str, Any]]:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row: Dict[str, Any] = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "validation_accuracy": trial.value if trial.state == TrialState.COMPLETE else None,
+            "feasible": attrs.get("feasible"),
+            "seconds": round(attrs["seconds"], 2) if "seconds" in attrs else None,
+        }
+        for metric in METRIC_COLUMNS:
+            row[metric] = attrs.get(metric)
+        row["reference"] = bool(attrs.get("reference"))
+        row["params"] = json.dumps(trial.params, sort_keys=True)
+        row["reason"] = attrs.get("fail_reason", "")
+        rows.append(row)
+    return rows
+
+
+def write_trials(study: optuna.Study, output_dir: Path, requested: Mapping[str, float]) -> None:
+    rows = _rows(study)
+    if not rows:
+        return
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output_dir / "trials.csv", buffer.getvalue().encode())
+
+
+def largest_reached(study: optuna.Study) -> Dict[str, float]:
+    """The most each target quantity reached over completed trials (least, for bits)."""
+    reached: Dict[str, float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for name, kind in TARGET_KINDS.items():
+            value = trial.user_attrs.get(name)
+            if value is None:
+                continue
+            better = value > reached.get(name, float("-inf")) if kind.higher_is_better else \
+                value < reached.get(name, float("inf"))
+            if better:
+                reached[name] = value
+    return reached
+
+
+def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: str) -> Dict[str, Any]:
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    feasible = [t for t in completed if t.user_attrs.get("feasible")]
+    reference = [t for t in completed if t.user_attrs.get("reference")]
+    best = max(feasible, key=lambda t: (t.value, -t.number)) if feasible else None
+    return {
+        "study_name": study.study_name,
+        "storage": storage_url,
+        "sampler": type(study.sampler).__name__,
+        "feasible_trials": len(feasible),
+        "best_validation_accuracy": best.value if best else None,
+        "reference_validation_accuracy": reference[0].value if reference else None,
+        "largest_reached": largest_reached(study),
+        "trials_csv": "trials.csv",
+    }
+
+
+def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, float]) -> List[str]:
+    """search_history.png and accuracy_vs_speedup.png (or vs the requested target quantity)."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    numbers = [t.number for t in completed]
+    values = [t.value for t in completed]
+    feasible = [bool(t.user_attrs.get("feasible")) for t in completed]
+    best_so_far, best = [], float("-inf")
+    for value, ok in zip(values, feasible):
+        if ok:
+            best = max(best, value)
+        best_so_far.append(best if best > float("-inf") else None)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.scatter([n for n, ok in zip(numbers, feasible) if ok], [v for v, ok in zip(values, feasible) if ok],
+                 label="meets target", color="tab:blue")
+    axis.scatter([n for n, ok in zip(numbers, feasible) if not ok], [v for v, ok in zip(values, feasible) if not ok],
+                 label="misses target", color="tab:red", marker="x")
+    axis.step(numbers, [b if b is not None else float("nan") for b in best_so_far], where="post",
+              label="best so far", color="black")
+    axis.set_xlabel("trial")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title("search history")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    _save(figure, output_dir / "search_history.png")
+    written.append("search_history.png")
+
+    quantity = next(iter(requested), "speedup")
+    points = [(t.user_attrs.get(quantity), t.value, ok) for t, ok in zip(completed, feasible)
+              if t.user_attrs.get(quantity) is not None]
+    if points:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.scatter([p[0] for p in points if p[2]], [p[1] for p in points if p[2]], label="meets target",
+                     color="tab:blue")
+        axis.scatter([p[0] for p in points if not p[2]], [p[1] for p in points if not p[2]],
+                     label="misses target", color="tab:red", marker="x")
+        if quantity in requested:
+            axis.axvline(requested[quantity], color="gray", linestyle="--", label=f"target {requested[quantity]:g}")
+        axis.set_xlabel(quantity)
+        axis.set_ylabel("validation accuracy")
+        axis.set_title(f"validation accuracy vs {quantity}, every trial")
+        axis.legend(loc="lower left")
+        figure.tight_layout()
+        name = f"accuracy_vs_{quantity}.png"
+        _save(figure, output_dir / name)
+        written.append(name)
+    plt.close("all")
+    return written
+
+
+def _save(figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(path, buffer.getvalue())

@@ -1,0 +1,55 @@
+"""Sampler registry: --sampler name -> Optuna sampler factory.
+
+Samplers are re-created for every trial with seed = run seed + trial number, so a search
+that is interrupted and resumed proposes the same parameters as one that ran straight
+through (given the same finished trials).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optuna
+
+from pocketflow.errors import ConfigError
+from pocketflow.registry import Registry
+
+SamplerFactory = Callable[[int], optuna.samplers.BaseSampler]
+
+SAMPLERS: Registry[SamplerFactory] = Registry("sampler", flag="--sampler")
+
+
+@SAMPLERS.register("tpe")
+def tpe(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True,
+                                      n_startup_trials=5)
+
+
+@SAMPLERS.register("random")
+def random(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+@SAMPLERS.register("gp")
+def gaussian_process(seed: int) -> optuna.samplers.BaseSampler:
+    try:
+        import torch  # noqa: F401  (Optuna's GP sampler runs on PyTorch)
+    except ImportError:
+        raise ConfigError("--sampler gp needs PyTorch (pip install torch==2.13.0, CPU build); "
+                          "or use --sampler tpe") from None
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
+
+
+@SAMPLERS.register("cmaes")
+def cma_es(seed: int) -> optuna.samplers.BaseSampler:
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise ConfigError("--sampler cmaes needs the cmaes package (pip install cmaes); "
+                          "or use --sampler tpe") from None
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=3, warn_independent_sampling=False)
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Constraint-aware samplers (TPE, GP) read the constraints each trial sets with set_constraint."""
+    return SAMPLERS.get(name)(seed)

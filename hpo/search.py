@@ -1,0 +1,237 @@
+"""The search: propose -> compress -> cheap validation score -> target check -> tell, until the
+study holds ``--trials`` completed trials; then hand back the best candidate that met the target.
+
+Rank 0 owns the Optuna study; other Horovod ranks receive each trial's parameters by
+broadcast and compress identically. Trials are scored on the validation split carved from
+the training data, never on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import optuna
+import tensorflow as tf
+from optuna.trial import TrialState
+
+from hpo import results
+from hpo.samplers import make_sampler
+from hpo.storage import (WORKER_ATTRIBUTE, counts, default_storage_url, load_or_create, open_storage,
+                         recover_dead_trials, worker_id)
+from hpo.targets import describe_shortfall, meets, violations
+from learners.base import Learner
+from pocketflow.config import RunConfig
+from pocketflow.distributed import SingleProcess
+from pocketflow.runner import SearchOutcome
+from pocketflow.training import accuracy
+
+log = logging.getLogger(__name__)
+
+MAX_FAILURES_WITHOUT_SUCCESS = 3
+
+
+def hyperparameters_dict(hparams: Any) -> Dict[str, Any]:
+    if is_dataclass(hparams):
+        return json.loads(json.dumps(asdict(hparams), default=str))
+    return dict(hparams)
+
+
+class Search:
+    """One searcher process (or one Horovod job) working on a study."""
+
+    def __init__(self, learner: Learner, baseline: tf.keras.Model, config: RunConfig, output_dir: Path,
+                 *, resume: bool, distributed: SingleProcess) -> None:
+        self.learner = learner
+        self.baseline = baseline
+        self.config = config
+        self.output_dir = output_dir
+        self.resume = resume
+        self.distributed = distributed
+        self.requested = config.target.requested()
+        self.study: Optional[optuna.Study] = None
+        self.started = time.time()
+        self.trial_seconds: List[float] = []
+        self.consecutive_failures = 0
+
+    # ------------------------------------------------------------------ study
+    def _open_study(self) -> optuna.Study:
+        hpo = self.config.hpo
+        url = hpo.storage or default_storage_url(self.output_dir)
+        name = hpo.study_name or f"{self.config.learner}-{self.config.net or Path(self.config.model).stem}"
+        study = load_or_create(open_storage(url), name, self._sampler(0), self.resume,
+                               shared=hpo.storage is not None)
+        study.set_user_attr("target", self.requested)
+        if self.resume or hpo.storage is not None:
+            recover_dead_trials(study)
+        log.info("study '%s' in %s: %s", name, url, _format_counts(counts(study)))
+        self.storage_url = url
+        return study
+
+    def _sampler(self, trial_number: int) -> optuna.samplers.BaseSampler:
+        return make_sampler(self.config.hpo.sampler, self.config.seed + trial_number)
+
+    def _enough(self) -> bool:
+        """Stop asking when completed + running trials reach the study's budget (shared by all searchers)."""
+        state = counts(self.study)
+        if state["completed"] + state["running"] >= self.config.hpo.trials:
+            return True
+        timeout = self.config.hpo.timeout
+        return timeout is not None and time.time() - self.started >= timeout
+
+    # ------------------------------------------------------------------ one trial
+    def _ask(self) -> Tuple[Optional[optuna.Trial], Optional[Dict[str, Any]]]:
+        """Chief: a new trial and its parameters (None when the budget is reached); others: broadcast."""
+        decision = None
+        trial = None
+        if self.distributed.is_chief:
+            if not self._enough():
+                study = self.study
+                study.sampler = self._sampler(len(study.get_trials(deepcopy=False)))
+                trial = study.ask()
+                trial.set_user_attr(WORKER_ATTRIBUTE, worker_id())
+                hparams = self.learner.search_space(trial)
+                decision = {"params": dict(trial.params), "number": trial.number,
+                            "hyperparameters": hyperparameters_dict(hparams)}
+        decision = self.distributed.broadcast_object(decision)
+        return trial, decision
+
+    def _evaluate(self, params: Dict[str, Any]) -> Tuple[float, Dict[str, float]]:
+        hparams = self.learner.search_space(optuna.trial.FixedTrial(params))
+        candidate = self.learner.compress(self.baseline, hparams)
+        achieved = self.learner.candidate_metrics(candidate)
+        score = accuracy(candidate, self.learner.context.dataset.validation(256))
+        del candidate
+        return score, achieved
+
+    def _record(self, trial: optuna.Trial, score: float, achieved: Dict[str, float], seconds: float,
+                hyperparameters: Dict[str, Any]) -> None:
+        for name, violation in zip(self.requested, violations(self.requested, achieved)):
+            trial.set_constraint(name, violation)  # constraint-aware samplers steer away from misses
+        trial.set_user_attr("feasible", meets(self.requested, achieved))
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("hyperparameters", hyperparameters)
+        for key, value in achieved.items():
+            trial.set_user_attr(key, value)
+        if not math.isfinite(score):
+            self.study.tell(trial, state=TrialState.FAIL)
+            return
+        self.study.tell(trial, score)
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr("fail_reason", reason[:500])
+        self.study.tell(trial, state=TrialState.FAIL)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> SearchOutcome:
+        reachable = self.learner.reachable(self.baseline)
+        unreachable = {k: v for k, v in self.requested.items() if k in reachable and not meets({k: v}, reachable)}
+        if unreachable:
+            reason = (f"no candidate can meet the target: {describe_shortfall(unreachable, reachable)} "
+                      f"(every prunable part at its minimum)")
+            return SearchOutcome(None, {}, {"completed": 0, "failed": 0, "pruned": 0}, reason,
+                                 {"largest_reached": reachable})
+        if self.distributed.is_chief:
+            self.study = self._open_study()
+            self._enqueue_reference()
+        while True:
+            trial, decision = self._ask()
+            if decision is None:
+                break
+            begin = time.time()
+            try:
+                score, achieved = self._evaluate(decision["params"])
+            except KeyboardInterrupt:
+                if trial is not None:
+                    self._fail(trial, "interrupted by the user")
+                raise
+            except Exception as error:  # noqa: BLE001 - a failed trial must not stop the search
+                reason = f"{type(error).__name__}: {error}"
+                log.warning("trial %d failed: %s", decision["number"], reason, exc_info=True)
+                if trial is not None:
+                    self._fail(trial, reason)
+                self.consecutive_failures += 1
+                if self.consecutive_failures >= MAX_FAILURES_WITHOUT_SUCCESS and not self._any_completed():
+                    raise
+                continue
+            self.consecutive_failures = 0
+            seconds = time.time() - begin
+            self.trial_seconds.append(seconds)
+            if trial is not None:
+                self._record(trial, score, achieved, seconds, decision["hyperparameters"])
+                self._progress(decision["number"], score, achieved, seconds)
+                results.write_trials(self.study, self.output_dir, self.requested)
+        return self._outcome()
+
+    def _any_completed(self) -> bool:
+        return self.study is None or counts(self.study)["completed"] > 0
+
+    def _enqueue_reference(self) -> None:
+        """Queue the learner's reference point (e.g. uniform ratios) as the study's first trial."""
+        reference = self.learner.reference_params()
+        if reference and not self.study.get_trials(deepcopy=False):
+            self.study.enqueue_trial(reference, user_attrs={"reference": True})
+
+    def _progress(self, number: int, score: float, achieved: Dict[str, float], seconds: float) -> None:
+        state = counts(self.study)
+        best = self._best_trial()
+        best_text = f"best {best.value:.4f} (#{best.number})" if best else "best: none meets the target yet"
+        remaining = max(0, self.config.hpo.trials - state["completed"])
+        mean = sum(self.trial_seconds) / len(self.trial_seconds)
+        metrics = "  ".join(f"{k} {v:.3f}" for k, v in achieved.items() if k in self.requested or k == "speedup")
+        log.info("trial %3d  [%d/%d]  val_acc %.4f  %s  %s  %.1fs  elapsed %s  eta %s", number,
+                 state["completed"], self.config.hpo.trials, score, metrics, best_text, seconds,
+                 _clock(time.time() - self.started), _clock(mean * remaining))
+
+    def _best_trial(self) -> Optional[optuna.trial.FrozenTrial]:
+        feasible = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("feasible")]
+        return max(feasible, key=lambda t: (t.value, -t.number)) if feasible else None
+
+    def _outcome(self) -> SearchOutcome:
+        decision = None
+        details: Dict[str, Any] = {}
+        state = {"completed": 0, "failed": 0, "pruned": 0}
+        if self.distributed.is_chief:
+            full = counts(self.study)
+            state = {k: full[k] for k in ("completed", "failed", "pruned")}
+            best = self._best_trial()
+            results.write_trials(self.study, self.output_dir, self.requested)
+            results.write_plots(self.study, self.output_dir, self.requested)
+            details = results.summary(self.study, self.requested, self.storage_url)
+            if best is not None:
+                decision = {"params": best.params, "number": best.number,
+                            "hyperparameters": best.user_attrs.get("hyperparameters", {})}
+        decision = self.distributed.broadcast_object(decision)
+        details = self.distributed.broadcast_object(details)
+        if decision is None:
+            reached = details.get("largest_reached", {})
+            reason = ("no completed trial met the target: " + describe_shortfall(self.requested, reached)
+                      if state["completed"] else "no trial completed (see run.log and trials.csv for the errors)")
+            return SearchOutcome(None, {}, state, reason, details)
+        log.info("best trial #%d: validation accuracy %.4f; rebuilding it", decision["number"],
+                 details.get("best_validation_accuracy", float("nan")))
+        hparams = self.learner.search_space(optuna.trial.FixedTrial(decision["params"]))
+        candidate = self.learner.compress(self.baseline, hparams)
+        details["best_trial"] = decision["number"]
+        return SearchOutcome(candidate, decision["hyperparameters"], state, None, details)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _format_counts(state: Dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in state.items() if v) or "new"
+
+
+def run_search(learner: Learner, baseline: tf.keras.Model, config: RunConfig, output_dir: Path, *,
+               resume: bool, distributed: SingleProcess) -> SearchOutcome:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return Search(learner, baseline, config, output_dir, resume=resume, distributed=distributed).run()
