@@ -1,0 +1,142 @@
+"""main.py end to end: help, user errors (exit 2, one line, no traceback), the full-prec job, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pocketflow.cli import FLAG_KEYS, main
+from tests.conftest import ROOT, shared_file
+
+pytestmark = pytest.mark.integration
+
+
+def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_help_explains_every_flag():
+    result = run_main("--help")
+    assert result.returncode == 0
+    for flag in FLAG_KEYS:
+        assert f"--{flag.replace('_', '-')}" in result.stdout
+    for flag in ("--config", "--set", "--resume"):
+        assert flag in result.stdout
+
+
+def test_user_error_in_a_subprocess_is_one_line_without_traceback(tmp_path):
+    result = run_main("--learner", "nope", "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == ["error: unknown learner 'nope'; choose one of: " + error_lines[0].split(": ", 2)[2]]
+    assert "full-prec" in error_lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--net", "resnet1000"], "unknown net 'resnet1000'"),
+    (["--dataset", "svhn"], "unknown dataset 'svhn'"),
+    (["--dataset", "cifar10"], "needs its files: pass --data-dir"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+    (["--model", "/nonexistent/model.h5"], "model '/nonexistent/model.h5' does not exist"),
+    (["--target-speedup", "0.5", "--learner", "channel"], "target.speedup = 0.5 is out of range"),
+    (["--set", "train.epochz=3"], "unknown key 'train.epochz'"),
+    (["--set", "nonsense"], "needs the form section.key=value"),
+    (["--config", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+    (["--target-speedup", "2"], "learner 'full-prec' cannot meet target speedup"),
+])
+def test_user_errors_exit_2_with_a_clear_line(tmp_path, capsys, args, message):
+    code = main([*args, "--output-dir", str(tmp_path / "run"), "-q"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert message in captured.err
+    assert len([line for line in captured.err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_model_with_the_wrong_input_shape_is_refused(tmp_path, capsys):
+    inputs = tf.keras.Input((28, 28, 1))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(10)(tf.keras.layers.Flatten()(inputs)))
+    model.save(tmp_path / "m.keras")
+    code = main(["--model", str(tmp_path / "m.keras"), "--epochs", "0", "--output-dir", str(tmp_path / "r"), "-q"])
+    assert code == 2
+    assert "takes inputs of shape (28, 28, 1) but the dataset's images are (8, 8, 1)" in capsys.readouterr().err
+
+
+def test_corrupt_model_file_is_refused(tmp_path, capsys):
+    (tmp_path / "broken.h5").write_bytes(b"not an hdf5 file at all")
+    code = main(["--model", str(tmp_path / "broken.h5"), "--output-dir", str(tmp_path / "r"), "-q"])
+    assert code == 2
+    assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_full_precision_default_job_trains_exports_and_reports(tmp_path):
+    out = tmp_path / "run"
+    result = run_main("--learner=full-prec", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("learner", "net", "dataset", "baseline", "best", "target", "trials"):
+        assert key in report
+    for key in ("accuracy", "macs", "params", "bytes", "tflite_latency_ms"):
+        assert report["baseline"][key] is not None
+    best = report["best"]
+    for key in ("accuracy", "macs", "params", "bytes", "speedup", "compression", "model_path", "tflite_path",
+                "tflite_accuracy", "tflite_latency_ms"):
+        assert best[key] is not None, key
+    assert report["learner"] == "full-prec" and report["net"] == "digits_cnn" and report["dataset"] == "digits"
+    assert best["accuracy"] >= 0.95, "the default net must reach 95% on the held-out digits test split"
+    assert abs(best["tflite_accuracy"] - best["accuracy"]) <= 0.01
+    assert best["speedup"] == 1.0 and best["compression"] == 1.0
+    assert report["trials"] == {"completed": 0, "failed": 0, "pruned": 0}
+    assert (out / "report.md").read_text().startswith("# PocketFlow-TF2 run")
+    model = tf.keras.models.load_model(best["model_path"], compile=False)
+    assert model.count_params() == best["params"]
+    assert Path(best["tflite_path"]).stat().st_size == best["bytes"]
+    assert "learner: full-prec" in (out / "config.yaml").read_text()
+    # The same directory again is refused rather than overwritten.
+    again = run_main("--learner=full-prec", "--output-dir", str(out))
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+def test_config_yaml_repeats_the_run(tmp_path, capsys):
+    first = tmp_path / "a"
+    assert main(["--epochs", "0", "--output-dir", str(first), "-q", "--seed", "5"]) == 0
+    second = tmp_path / "b"
+    assert main(["--config", str(first / "config.yaml"), "--output-dir", str(second), "-q"]) == 0
+    a = json.loads((first / "report.json").read_text())
+    b = json.loads((second / "report.json").read_text())
+    assert a["baseline"]["accuracy"] == b["baseline"]["accuracy"]
+    assert a["baseline"]["macs"] == b["baseline"]["macs"]
+
+
+def test_quantized_exports_are_measured(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["--epochs", "3", "--quantize-export", "int8", "--output-dir", str(out), "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    exports = report["best"]["exports"]
+    assert set(exports) == {"float", "int8"}
+    assert exports["int8"]["input_dtype"] == "int8"
+    assert exports["int8"]["bytes"] < exports["float"]["bytes"] / 2
+    interpreter = tf.lite.Interpreter(model_path=exports["int8"]["path"])
+    kinds = {np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    assert "int8" in kinds
+
+
+def test_pretrained_resnet20_is_evaluated_as_published(tmp_path):
+    model = shared_file("pretrained/resnet20_cifar10.h5")
+    data = shared_file("cifar10")
+    out = tmp_path / "r20"
+    result = run_main("--learner=full-prec", "--model", str(model), "--dataset", "cifar10", "--data-dir", str(data),
+                      "--epochs", "0", "--output-dir", str(out), "--set", "data.mean=[0.485,0.456,0.406]",
+                      "--set", "data.std=[0.229,0.224,0.225]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["accuracy"] == pytest.approx(0.9173, abs=0.0002)
+    assert report["baseline"]["tflite_accuracy"] == pytest.approx(0.9173, abs=0.002)
+    assert report["baseline"]["macs"] == pytest.approx(40.8e6, rel=0.02)
