@@ -49,5 +49,6 @@ def load_dataset(config: DataConfig, seed: int) -> Dataset:
 
 # Loaders register on import.
 from pocketflow.data import digits  # noqa: E402,F401
+from pocketflow.data import cifar10, imagenet, mnist, npz  # noqa: E402,F401
 
 __all__ = ["DATASETS", "DatasetSpec", "register_dataset", "Dataset", "ArrayDataset", "Preprocess", "load_dataset", "preprocess_from"]
