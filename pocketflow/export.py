@@ -7,8 +7,10 @@ batch 1 (median over ``runs`` invocations after warm-up, thread count recorded).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -80,7 +82,26 @@ def convert(model: tf.keras.Model, mode: str = "float", representative: Optional
     _CONFIGURE[mode](converter, representative)
     if configure is not None:
         configure(converter)
-    return converter.convert()
+    with _native_stderr_to_log():
+        return converter.convert()
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """The converter prints pages of MLIR statistics on file descriptor 2; send them to the debug log."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace").strip()
+            if text:
+                log.debug("TFLite converter output:\n%s", text)
 
 
 def _batch_one(model: tf.keras.Model) -> tf.keras.Model:
@@ -157,18 +178,24 @@ class TFLiteModel:
             outputs.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])).copy())
         return np.concatenate(outputs)
 
-    def latency(self, sample: np.ndarray, runs: int = 50, warmup: int = 10) -> tuple:
-        """(median ms, p90 ms) of single-image invocations."""
+    def latency(self, sample: np.ndarray, runs: int = 50, warmup: int = 10,
+                min_seconds: float = 0.3) -> tuple:
+        """(median ms, p90 ms, runs) of single-image invocations.
+
+        At least ``runs`` timed runs, and more for fast models until ``min_seconds`` have
+        been timed (up to 20,000), so sub-millisecond medians are stable enough to compare.
+        """
         self.resize(1)
         self.interpreter.set_tensor(self._input["index"], self._quantize(sample[:1]))
         for _ in range(warmup):
             self.interpreter.invoke()
         timings = []
-        for _ in range(runs):
+        started = time.perf_counter()
+        while len(timings) < runs or (time.perf_counter() - started < min_seconds and len(timings) < 20000):
             begin = time.perf_counter()
             self.interpreter.invoke()
             timings.append((time.perf_counter() - begin) * 1000.0)
-        return float(np.median(timings)), float(np.percentile(timings, 90))
+        return float(np.median(timings)), float(np.percentile(timings, 90)), len(timings)
 
 
 def tflite_accuracy(model: TFLiteModel, images: np.ndarray, labels: np.ndarray) -> float:
@@ -190,9 +217,9 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
     """Accuracy on the test split and batch-1 latency of an existing TFLite file."""
     loaded = TFLiteModel(path, threads=threads)
     accuracy = tflite_accuracy(loaded, test_images, test_labels)
-    median, p90 = loaded.latency(test_images, runs=runs)
+    median, p90, timed_runs = loaded.latency(test_images, runs=runs)
     log.info("tflite %-7s %8.1f KB  accuracy %.4f  latency %.3f ms (batch 1, %d thread%s)", mode,
              path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s")
     return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
-                             latency_ms=median, latency_p90_ms=p90, latency_runs=runs, threads=threads,
+                             latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
                              input_dtype=loaded.input_dtype)

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import learners as learner_registry  # noqa: F401  (registers the learners)
 from learners.base import LEARNERS, Learner, LearnerContext
-from nets import NETS, NetSpec
+from nets import NETS, NetSpec, Schedule
 from pocketflow import __version__
 from pocketflow.baseline import load_baseline, train_baseline
 from pocketflow.config import RunConfig
@@ -174,7 +174,7 @@ class Runner:
                  dataset.num_train, dataset.num_validation, dataset.num_test, dataset.input_shape,
                  dataset.num_classes)
         net: Optional[NetSpec] = NETS.get(config.net) if config.net else None
-        schedule = resolve_schedule(net.schedule if net else _user_model_schedule(), config.train, config.data)
+        schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
 
         if config.model:
             baseline_model, source = load_baseline(config.model, dataset), f"file:{config.model}"
@@ -286,10 +286,14 @@ class Runner:
         return best
 
 
-def _user_model_schedule():
-    """Fine-tuning recipe for a user's model when no built-in net describes it."""
-    from nets import Schedule
-
+def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:
+    """The net's recipe; for a user's model, the recipe of the dataset's default net (e.g. CIFAR
+    augmentation), with a lower learning rate since the model is already trained."""
+    if net is not None:
+        return net.schedule
+    default_net = DATASETS.get(dataset_name).default_net
+    if default_net in NETS:
+        return dataclasses.replace(NETS.get(default_net).schedule, learning_rate=NETS.get(default_net).schedule.learning_rate * 0.1)
     return Schedule(epochs=10, batch_size=128, learning_rate=0.01, schedule="cosine", weight_decay=5e-4)
 
 
