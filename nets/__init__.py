@@ -47,6 +47,6 @@ def register_net(spec: NetSpec) -> NetSpec:
 
 
 # Builders register on import.
-from nets import digits_cnn  # noqa: E402,F401
+from nets import digits_cnn, lenet, mobilenet, resnet_cifar  # noqa: E402,F401
 
 __all__ = ["NETS", "NetSpec", "Schedule", "register_net"]

@@ -17,12 +17,24 @@ import tensorflow as tf
 layers = tf.keras.layers
 
 
-def _shapes(layer: tf.keras.layers.Layer) -> Iterator[Tuple[tuple, tuple]]:
-    """(input shape, output shape) of every call of ``layer`` in its graph."""
+def _shapes(layer: tf.keras.layers.Layer, model: tf.keras.Model) -> Iterator[Tuple[tuple, tuple]]:
+    """(input shape, output shape) of every call of ``layer`` inside ``model``'s graph.
+
+    A layer reused by another model (``tf.keras.Model(new_input, layer(new_input))``) gains a
+    node there too; only the nodes of ``model`` count. Spatial sizes must be known.
+    """
+    network_nodes = getattr(model, "_network_nodes", None)  # Keras 2 functional models keep them here
     for index in range(len(layer._inbound_nodes)):  # noqa: SLF001 - Keras 2 keeps the graph here
-        input_shape = layer.get_input_shape_at(index)
-        output_shape = layer.get_output_shape_at(index)
-        yield tuple(input_shape), tuple(output_shape)
+        if network_nodes is not None and f"{layer.name}_ib-{index}" not in network_nodes:
+            continue
+        input_shape = tuple(layer.get_input_shape_at(index))
+        output_shape = tuple(layer.get_output_shape_at(index))
+        if any(d is None for d in input_shape[1:] + output_shape[1:]):
+            raise ValueError(
+                f"cannot count the MACs of layer '{layer.name}': its input/output shapes "
+                f"{input_shape} -> {output_shape} have unknown sizes; build the model with a fixed "
+                f"input size, e.g. tf.keras.Input(shape=(224, 224, 3))")
+        yield input_shape, output_shape
 
 
 def _spatial(shape: tuple) -> int:
@@ -86,7 +98,7 @@ def layer_macs(model: tf.keras.Model) -> Dict[str, int]:
         counter = _counter(layer)
         if counter is None:
             continue
-        total = sum(counter(layer, inp, out) for inp, out in _shapes(layer))
+        total = sum(counter(layer, inp, out) for inp, out in _shapes(layer, model))
         result[layer.name] = int(total)
     return result
 
