@@ -58,6 +58,8 @@ class Search:
         self.started = time.time()
         self.trial_seconds: List[float] = []
         self.consecutive_failures = 0
+        distinct = learner.max_trials()
+        self.budget = min(config.hpo.trials, distinct) if distinct else config.hpo.trials
 
     # ------------------------------------------------------------------ study
     def _open_study(self) -> optuna.Study:
@@ -79,7 +81,7 @@ class Search:
     def _enough(self) -> bool:
         """Stop asking when completed + running trials reach the study's budget (shared by all searchers)."""
         state = counts(self.study)
-        if state["completed"] + state["running"] >= self.config.hpo.trials:
+        if state["completed"] + state["running"] >= self.budget:
             return True
         timeout = self.config.hpo.timeout
         return timeout is not None and time.time() - self.started >= timeout
@@ -181,11 +183,11 @@ class Search:
         state = counts(self.study)
         best = self._best_trial()
         best_text = f"best {best.value:.4f} (#{best.number})" if best else "best: none meets the target yet"
-        remaining = max(0, self.config.hpo.trials - state["completed"])
+        remaining = max(0, self.budget - state["completed"])
         mean = sum(self.trial_seconds) / len(self.trial_seconds)
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in achieved.items() if k in self.requested or k == "speedup")
         log.info("trial %3d  [%d/%d]  val_acc %.4f  %s  %s  %.1fs  elapsed %s  eta %s", number,
-                 state["completed"], self.config.hpo.trials, score, metrics, best_text, seconds,
+                 state["completed"], self.budget, score, metrics, best_text, seconds,
                  _clock(time.time() - self.started), _clock(mean * remaining))
 
     def _best_trial(self) -> Optional[optuna.trial.FrozenTrial]:

@@ -73,6 +73,10 @@ class Learner(abc.ABC):
         """Parameters of a reference trial run first (e.g. uniform ratios), so the search is never worse."""
         return {}
 
+    def max_trials(self) -> Optional[int]:
+        """How many distinct candidates the search space holds, when that is small (None: many)."""
+        return None
+
     def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
         """The most each target quantity can reach (to stop early on an impossible target); {} if unknown."""
         return {}

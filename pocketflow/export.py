@@ -133,11 +133,8 @@ class TFLiteModel:
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         self.path = str(path)
         self.threads = threads
-        self.interpreter = tf.lite.Interpreter(model_path=self.path, num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
-        self.batch = int(self._input["shape"][0])
+        self._batch_fixed = False
+        self._load()
 
     @property
     def input_dtype(self) -> str:
@@ -157,26 +154,47 @@ class TFLiteModel:
             return (outputs.astype(np.float32) - zero_point) * scale
         return outputs
 
-    def resize(self, batch: int) -> None:
-        if batch == self.batch:
-            return
-        shape = list(self._input["shape"])
-        shape[0] = batch
-        self.interpreter.resize_tensor_input(self._input["index"], shape)
+    def _load(self) -> None:
+        self.interpreter = tf.lite.Interpreter(model_path=self.path, num_threads=self.threads)
         self.interpreter.allocate_tensors()
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
+        self.batch = int(self._input["shape"][0])
+
+    def resize(self, batch: int) -> int:
+        """Resize the batch dimension; returns the batch in effect (graphs with batch-1 reshapes stay at 1)."""
+        if batch == self.batch or self._batch_fixed:
+            return self.batch
+        shape = list(self._input["shape"])
+        shape[0] = batch
+        try:
+            self.interpreter.resize_tensor_input(self._input["index"], shape)
+            self.interpreter.allocate_tensors()
+        except RuntimeError as error:  # e.g. a RESHAPE whose target shape includes the batch
+            log.debug("%s cannot run batches of %d (%s); evaluating one image at a time", self.path, batch,
+                      str(error).splitlines()[0])
+            self._batch_fixed = True
+            self._load()
+            return self.batch
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
         self.batch = batch
+        return batch
 
     def predict(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
         outputs = []
-        for start in range(0, len(images), batch):
-            chunk = images[start:start + batch]
-            self.resize(len(chunk))
+        start = 0
+        while start < len(images):
+            size = self.resize(min(batch, len(images) - start))
+            chunk = images[start:start + size]
+            if len(chunk) < size:  # a fixed batch larger than what is left
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])
             self.interpreter.set_tensor(self._input["index"], self._quantize(chunk))
             self.interpreter.invoke()
-            outputs.append(self._dequantize(self.interpreter.get_tensor(self._output["index"])).copy())
-        return np.concatenate(outputs)
+            result = self._dequantize(self.interpreter.get_tensor(self._output["index"]))
+            outputs.append(result[:len(images) - start].copy())
+            start += size
+        return np.concatenate(outputs)[:len(images)]
 
     def latency(self, sample: np.ndarray, runs: int = 50, warmup: int = 10,
                 min_seconds: float = 0.3) -> tuple:

@@ -169,15 +169,10 @@ def _format_epochs(epochs: float) -> str:
 
 
 def predict_logits(model: tf.keras.Model, batches: tf.data.Dataset) -> tuple:
-    """Model outputs and labels over a whole split."""
-
-    @tf.function(reduce_retracing=True)
-    def forward(images: tf.Tensor) -> tf.Tensor:
-        return model(images, training=False)
-
+    """Model outputs and labels over a whole split (Keras compiles one predict function per model)."""
     outputs, labels = [], []
     for images, batch_labels in batches:
-        outputs.append(forward(images).numpy())
+        outputs.append(np.asarray(model.predict_on_batch(images)))
         labels.append(batch_labels.numpy())
     return np.concatenate(outputs), np.concatenate(labels)
 

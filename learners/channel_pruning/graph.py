@@ -1,0 +1,537 @@
+"""Channel-flow analysis of a functional Keras model: which output channels can be removed.
+
+Every tensor's last axis (its channels) is described by a *layout*: a tuple of channel
+*spaces*, one per contiguous segment (one segment normally; several after a Concatenate;
+``H*W`` repetitions after a Flatten). A space is born at a producer (Conv2D, Dense,
+SeparableConv2D: new output channels), at the model input, or at a layer we do not
+understand (a *barrier*). Channel-transparent layers (BatchNorm, activations, pooling,
+padding, dropout, DepthwiseConv2D with depth_multiplier 1) pass the layout through;
+element-wise merges (Add, Multiply, ...) tie the spaces of their inputs into one (a
+union-find); Concatenate joins layouts; Flatten repeats them.
+
+A space that reaches a barrier, the model input or a model output is *fixed* (its
+channels must all stay). Every other space is a prunable **channel group**: the
+producers whose outputs were tied together, pruned with one set of kept indices.
+
+The analysis also knows, for every counted layer (see ``pocketflow.metrics``), how its
+input and output channel counts depend on the groups' keep counts, so ``macs_for`` gives
+the exact MACs of a pruned candidate without rebuilding it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from pocketflow import metrics
+
+layers = tf.keras.layers
+
+Layout = Tuple[int, ...]  # space ids, one per segment of the channel axis
+
+# Element-wise activations: an Activation layer with one of these is channel-transparent.
+_ELEMENTWISE_ACTIVATIONS = frozenset({
+    "linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "tanh", "elu", "selu", "softplus",
+    "softsign", "swish", "silu", "gelu", "exponential", "leaky_relu", "mish", "hard_silu",
+    "hard_swish",
+})
+
+
+def _classes(*names: str) -> Tuple[type, ...]:
+    return tuple(getattr(layers, name) for name in names if hasattr(layers, name))
+
+
+# Layers that act on each channel independently and keep the channel count.
+_TRANSPARENT = _classes(
+    "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU", "Dropout", "GaussianDropout", "GaussianNoise",
+    "AlphaDropout", "ActivityRegularization", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D",
+    "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D", "Identity",
+)  # SpatialDropout* derive from Dropout
+_MERGES = _classes("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average")
+_PLAIN_CONV = _classes("Conv1D", "Conv2D", "Conv3D")
+_TRANSPOSED_CONV = _classes("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
+_SEPARABLE = _classes("SeparableConv1D", "SeparableConv2D")
+_DEPTHWISE = _classes("DepthwiseConv1D", "DepthwiseConv2D")
+
+# What each kind of layer does to the layout (see ``_LayerInfo.kind``).
+KIND_INPUT = "input"
+KIND_PRODUCER = "producer"      # new output channels; reads (and slices) its input channels
+KIND_DEPTHWISE = "depthwise"    # per-channel weights, output channels follow the input's
+KIND_BATCHNORM = "batchnorm"    # per-channel weights, transparent
+KIND_TRANSPARENT = "transparent"
+KIND_FLATTEN = "flatten"
+KIND_MERGE = "merge"            # element-wise: ties its inputs' spaces
+KIND_CONCAT = "concat"          # along the channel axis: joins layouts
+KIND_BARRIER = "barrier"        # not understood: inputs fixed, outputs new fixed spaces
+KIND_NESTED = "nested"          # nested model or layer called several times: a barrier
+
+_CHANNELS_LAST = "channels_last"
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Output channels of ``producers`` that are pruned together (one set of kept indices).
+
+    ``consumers``: layers whose weights are sliced along their input channels (BatchNorm,
+    DepthwiseConv2D, the next Conv2D/Dense, ...). ``terminators``: the Conv/Dense/
+    SeparableConv layers that read these channels and end them (what a reconstruction
+    re-fits). ``macs``: MACs of the layers whose cost depends on this group, at full width.
+    """
+
+    name: str
+    producers: Tuple[str, ...]
+    channels: int
+    consumers: Tuple[str, ...]
+    terminators: Tuple[str, ...]
+    macs: int
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """A layer the analysis does not see through; the channels feeding it are kept."""
+
+    layer: str
+    class_name: str
+    reason: str
+
+
+@dataclass
+class _LayerInfo:
+    name: str
+    kind: str
+    in_layouts: List[Layout]
+    out_layouts: List[Layout]
+    in_shapes: List[tuple]
+    out_shapes: List[tuple]
+
+
+@dataclass
+class _MacTerm:
+    """One counted layer: MACs = counter(layer, in_shape with in_channels, out_shape with out_channels)."""
+
+    layer: tf.keras.layers.Layer
+    in_shape: tuple
+    out_shape: tuple
+    in_form: Tuple[int, Dict[str, int]]   # constant + multiplicity per group
+    out_form: Tuple[int, Dict[str, int]]
+
+
+class _Spaces:
+    """Union-find over channel spaces; a root carries a reason when it is fixed."""
+
+    def __init__(self) -> None:
+        self.parent: List[int] = []
+        self.size: List[int] = []
+        self.reason: List[Optional[str]] = []
+        self.origin: List[Optional[str]] = []  # producer layer name, or None
+
+    def new(self, size: int, origin: Optional[str] = None, reason: Optional[str] = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(int(size))
+        self.reason.append(reason)
+        self.origin.append(origin)
+        return len(self.parent) - 1
+
+    def find(self, space: int) -> int:
+        root = space
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[space] != root:
+            self.parent[space], space = root, self.parent[space]
+        return root
+
+    def union(self, first: int, second: int) -> int:
+        a, b = self.find(first), self.find(second)
+        if a == b:
+            return a
+        if self.reason[a] is None and self.reason[b] is not None:
+            a, b = b, a  # keep the reason of the fixed one
+        self.parent[b] = a
+        return a
+
+    def fix(self, space: int, reason: str) -> None:
+        root = self.find(space)
+        if self.reason[root] is None:
+            self.reason[root] = reason
+
+
+def _channels(shape: Sequence) -> int:
+    if len(shape) < 2 or shape[-1] is None:
+        return 0
+    return int(shape[-1])
+
+
+def _flat_shapes(tensors) -> List[tuple]:
+    return [tuple(t.shape) for t in tf.nest.flatten(tensors)]
+
+
+def _classify(layer: tf.keras.layers.Layer, in_shapes: List[tuple],
+              out_shapes: List[tuple]) -> Tuple[str, str]:
+    """(kind, reason) of a layer called once; reason explains a barrier."""
+    name = type(layer).__name__
+    if isinstance(layer, layers.InputLayer):
+        return KIND_INPUT, ""
+    if len(out_shapes) != 1:
+        return KIND_BARRIER, f"{name} has {len(out_shapes)} outputs"
+    if any(_channels(shape) == 0 for shape in in_shapes + out_shapes):
+        return KIND_BARRIER, f"{name} has an input or output without a known channel axis"
+    if getattr(layer, "data_format", _CHANNELS_LAST) != _CHANNELS_LAST:
+        return KIND_BARRIER, f"{name} uses data_format={layer.data_format}"
+    single = len(in_shapes) == 1
+    if isinstance(layer, _DEPTHWISE):
+        if layer.depth_multiplier != 1:
+            return KIND_BARRIER, f"{name} with depth_multiplier={layer.depth_multiplier}"
+        return KIND_DEPTHWISE, ""
+    if isinstance(layer, _SEPARABLE):
+        return KIND_PRODUCER, ""
+    if isinstance(layer, _TRANSPOSED_CONV):
+        return KIND_BARRIER, f"{name} (transposed convolution) is not pruned"
+    if isinstance(layer, _PLAIN_CONV):
+        if getattr(layer, "groups", 1) != 1:
+            return KIND_BARRIER, f"{name} with groups={layer.groups}"
+        return KIND_PRODUCER, ""
+    if isinstance(layer, layers.Dense) and single:
+        return KIND_PRODUCER, ""
+    if isinstance(layer, layers.BatchNormalization):
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        rank = len(in_shapes[0])
+        if [a % rank for a in axis] != [rank - 1]:
+            return KIND_BARRIER, f"{name} normalizes axis {layer.axis}, not the channel axis"
+        return KIND_BATCHNORM, ""
+    if isinstance(layer, layers.Activation):
+        activation = getattr(layer.activation, "__name__", str(layer.activation))
+        if activation in _ELEMENTWISE_ACTIVATIONS:
+            return KIND_TRANSPARENT, ""
+        return KIND_BARRIER, f"Activation '{activation}' mixes channels"
+    if isinstance(layer, _TRANSPARENT) and single:
+        return KIND_TRANSPARENT, ""
+    if isinstance(layer, layers.Flatten) and single:
+        if any(d is None for d in in_shapes[0][1:]):
+            return KIND_BARRIER, "Flatten of an input with unknown spatial size"
+        return KIND_FLATTEN, ""
+    if isinstance(layer, _MERGES):
+        if len(set(in_shapes)) != 1:
+            return KIND_BARRIER, f"{name} broadcasts inputs of shapes {in_shapes}"
+        return KIND_MERGE, ""
+    if isinstance(layer, layers.Concatenate):
+        rank = len(in_shapes[0])
+        if any(len(shape) != rank for shape in in_shapes):
+            return KIND_BARRIER, f"{name} of inputs with different ranks"
+        if layer.axis % rank == rank - 1:
+            return KIND_CONCAT, ""
+        return KIND_MERGE, ""  # along a spatial axis: channel c of every input meets
+    return KIND_BARRIER, f"{name} is not known to be channel-transparent"
+
+
+class ChannelAnalysis:
+    """Prunable channel groups of a model, its barriers, and a MAC model of candidates.
+
+    Build it with :func:`analyze`. Group names are the name of the group's first producer.
+    """
+
+    def __init__(self, model: tf.keras.Model, spaces: _Spaces, infos: Dict[str, _LayerInfo],
+                 order: List[str], barriers: List[Barrier], constant_macs: int,
+                 mac_layers: List[Tuple[tf.keras.layers.Layer, tuple, tuple]],
+                 successors: Dict[str, List[str]]) -> None:
+        self.model = model
+        self._successors = successors
+        self._spaces = spaces
+        self._infos = infos
+        self._order = order
+        self.barriers: List[Barrier] = barriers
+        self._constant_macs = constant_macs
+        self._root_group: Dict[int, str] = {}
+        self.frozen: Dict[str, str] = {}
+        producers_by_root: Dict[int, List[str]] = {}
+        for name in order:
+            info = infos[name]
+            if info.kind != KIND_PRODUCER:
+                continue
+            root = spaces.find(info.out_layouts[0][0])
+            if spaces.reason[root] is not None:
+                self.frozen[name] = spaces.reason[root]
+            else:
+                producers_by_root.setdefault(root, []).append(name)
+        self._group_size: Dict[str, int] = {}
+        for root, producers in producers_by_root.items():
+            self._root_group[root] = producers[0]
+            self._group_size[producers[0]] = spaces.size[root]
+        self._mac_terms = [self._mac_term(*entry) for entry in mac_layers]
+        group_macs: Dict[str, int] = {}
+        for term in self._mac_terms:
+            involved = set(term.in_form[1]) | set(term.out_form[1])
+            if involved:
+                full = self._term_macs(term, {})
+                for group in involved:
+                    group_macs[group] = group_macs.get(group, 0) + full
+        self.groups: Dict[str, ChannelGroup] = {}
+        for root, producers in producers_by_root.items():
+            group = self._root_group[root]
+            consumers, terminators = [], []
+            for name in order:
+                info = infos[name]
+                if info.kind not in (KIND_PRODUCER, KIND_DEPTHWISE, KIND_BATCHNORM):
+                    continue
+                if any(self._group_of(space) == group for space in info.in_layouts[0]):
+                    consumers.append(name)
+                    if info.kind == KIND_PRODUCER:
+                        terminators.append(name)
+            self.groups[group] = ChannelGroup(
+                name=group, producers=tuple(producers), channels=spaces.size[root],
+                consumers=tuple(consumers), terminators=tuple(terminators),
+                macs=group_macs.get(group, 0))
+        self.total_macs = self.macs_for({})
+
+    # ------------------------------------------------------------------ layouts
+    def _group_of(self, space: int) -> Optional[str]:
+        return self._root_group.get(self._spaces.find(space))
+
+    def successors(self, layer_name: str) -> List[str]:
+        """Names of the layers that read any output of ``layer_name`` in this model."""
+        return list(self._successors.get(layer_name, []))
+
+    def layer_kind(self, layer_name: str) -> Optional[str]:
+        """The analysis' kind of a layer (``producer``, ``batchnorm``, ...); None for a shared one."""
+        info = self._infos.get(layer_name)
+        return info.kind if info else None
+
+    def _indices(self, layout: Layout, keep: Mapping[str, np.ndarray]) -> np.ndarray:
+        parts, offset = [], 0
+        for space in layout:
+            size = self._spaces.size[space]
+            group = self._group_of(space)
+            if group is not None and group in keep:
+                parts.append(offset + np.asarray(keep[group], dtype=np.int64))
+            else:
+                parts.append(offset + np.arange(size, dtype=np.int64))
+            offset += size
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def input_indices(self, layer_name: str, keep: Mapping[str, np.ndarray]) -> Optional[np.ndarray]:
+        """Kept positions of the (single) input channel axis of a layer, or None if not sliceable."""
+        info = self._infos.get(layer_name)
+        if info is None or len(info.in_layouts) != 1:
+            return None
+        return self._indices(info.in_layouts[0], keep)
+
+    def output_indices(self, layer_name: str, keep: Mapping[str, np.ndarray]) -> Optional[np.ndarray]:
+        """Kept positions of the (single) output channel axis of a layer, or None."""
+        info = self._infos.get(layer_name)
+        if info is None or len(info.out_layouts) != 1:
+            return None
+        return self._indices(info.out_layouts[0], keep)
+
+    def group_positions(self, layer_name: str, group: str) -> np.ndarray:
+        """Positions of ``group``'s channels on a layer's input axis: array (occurrences, channels).
+
+        Row o, column c is where channel c of the group appears for the o-th time (once per
+        Concatenate segment or Flatten position that carries it).
+        """
+        info = self._infos[layer_name]
+        rows, offset = [], 0
+        for space in info.in_layouts[0]:
+            size = self._spaces.size[space]
+            if self._group_of(space) == group:
+                rows.append(offset + np.arange(size, dtype=np.int64))
+            offset += size
+        return np.stack(rows) if rows else np.zeros((0, self.groups[group].channels), dtype=np.int64)
+
+    def check_keep(self, keep: Mapping[str, Iterable[int]]) -> Dict[str, np.ndarray]:
+        """Validated kept indices (sorted int arrays); groups kept whole are dropped."""
+        result: Dict[str, np.ndarray] = {}
+        for group, indices in keep.items():
+            if group not in self.groups:
+                known = ", ".join(self.groups) or "none"
+                raise ValueError(f"unknown channel group '{group}'; prunable groups: {known}")
+            channels = self.groups[group].channels
+            array = np.unique(np.asarray(list(indices), dtype=np.int64))
+            if array.size != len(list(indices)):
+                raise ValueError(f"group '{group}': kept channel indices repeat: {list(indices)}")
+            if array.size == 0:
+                raise ValueError(f"group '{group}': keep at least one of its {channels} channels")
+            if array[0] < 0 or array[-1] >= channels:
+                raise ValueError(f"group '{group}': kept indices must lie in [0, {channels}), "
+                                 f"got {array.min()}..{array.max()}")
+            if array.size < channels:
+                result[group] = array
+        return result
+
+    # ------------------------------------------------------------------ MACs
+    def _form(self, layout: Layout) -> Tuple[int, Dict[str, int]]:
+        constant, terms = 0, {}
+        for space in layout:
+            group = self._group_of(space)
+            if group is None:
+                constant += self._spaces.size[space]
+            else:
+                terms[group] = terms.get(group, 0) + 1
+        return constant, terms
+
+    def _mac_term(self, layer: tf.keras.layers.Layer, in_shape: tuple, out_shape: tuple) -> _MacTerm:
+        info = self._infos[layer.name]
+        return _MacTerm(layer, in_shape, out_shape, self._form(info.in_layouts[0]),
+                        self._form(info.out_layouts[0]))
+
+    def _term_macs(self, term: _MacTerm, counts: Mapping[str, int]) -> int:
+        def value(form: Tuple[int, Dict[str, int]]) -> int:
+            constant, terms = form
+            return constant + sum(multiplicity * int(counts.get(group, self._group_size[group]))
+                                  for group, multiplicity in terms.items())
+
+        in_shape = term.in_shape[:-1] + (value(term.in_form),)
+        out_shape = term.out_shape[:-1] + (value(term.out_form),)
+        counter = metrics._counter(term.layer)  # noqa: SLF001 - same convention as count_macs
+        return int(counter(term.layer, in_shape, out_shape))
+
+    def macs_for(self, keep_counts: Mapping[str, int]) -> int:
+        """Exact MACs (``pocketflow.metrics`` convention) with ``keep_counts[group]`` channels kept.
+
+        Groups not named keep all their channels. No model is built: use it inside a search.
+        """
+        for group, count in keep_counts.items():
+            if group not in self.groups:
+                raise ValueError(f"unknown channel group '{group}'; prunable groups: {', '.join(self.groups)}")
+            if not 1 <= int(count) <= self.groups[group].channels:
+                raise ValueError(f"group '{group}': keep count {count} is outside "
+                                 f"[1, {self.groups[group].channels}]")
+        return self._constant_macs + sum(self._term_macs(term, keep_counts) for term in self._mac_terms)
+
+    def min_macs(self) -> int:
+        """MACs when every prunable group keeps a single channel (the floor of any pruning)."""
+        return self.macs_for({name: 1 for name in self.groups})
+
+    def summary(self) -> Dict[str, object]:
+        """Plain data for a report: groups, frozen producers and barriers."""
+        return {
+            "total_macs": self.total_macs,
+            "min_macs": self.min_macs(),
+            "groups": [{"name": g.name, "producers": list(g.producers), "channels": g.channels,
+                        "macs": g.macs} for g in self.groups.values()],
+            "frozen": dict(self.frozen),
+            "barriers": [{"layer": b.layer, "class": b.class_name, "reason": b.reason}
+                         for b in self.barriers],
+        }
+
+
+def _model_nodes(model: tf.keras.Model) -> List[object]:
+    """This model's nodes in topological order (inputs first)."""
+    position = {id(layer): index for index, layer in enumerate(model.layers)}
+    nodes = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):  # noqa: SLF001 - Keras 2 graph
+        nodes.extend(sorted(model._nodes_by_depth[depth],  # noqa: SLF001
+                            key=lambda node: position.get(id(node.layer), -1)))
+    return nodes
+
+
+def analyze(model: tf.keras.Model) -> ChannelAnalysis:
+    """Walk a functional (or Sequential) Keras model and find its prunable channel groups."""
+    if not getattr(model, "_is_graph_network", False):
+        raise ValueError(f"model '{model.name}' is not a functional or Sequential model with a known "
+                         "input shape; channel pruning needs its layer graph (build it with "
+                         "tf.keras.Input)")
+    nodes = _model_nodes(model)
+    calls: Dict[str, int] = {}
+    for node in nodes:
+        calls[node.layer.name] = calls.get(node.layer.name, 0) + 1
+
+    spaces = _Spaces()
+    layouts: Dict[str, Layout] = {}
+    infos: Dict[str, _LayerInfo] = {}
+    order: List[str] = []
+    barrier_inputs: List[Tuple[Barrier, List[int]]] = []
+    successors: Dict[str, List[str]] = {}
+    constant_macs = 0
+    mac_layers: List[Tuple[tf.keras.layers.Layer, tuple, tuple]] = []
+    per_layer_macs: Optional[Dict[str, int]] = None
+    counted_shared: set = set()
+
+    for node in nodes:
+        layer = node.layer
+        in_ids, out_ids = list(node.flat_input_ids), list(node.flat_output_ids)
+        in_shapes = [tuple(t.shape) for t in node.keras_inputs]
+        out_shapes = _flat_shapes(node.outputs)
+        in_layouts = [layouts[tensor_id] for tensor_id in in_ids]
+        if isinstance(layer, tf.keras.Model) or calls[layer.name] > 1 or len(layer._inbound_nodes) > 1:  # noqa: SLF001
+            kind = KIND_NESTED
+            reason = ("nested model" if isinstance(layer, tf.keras.Model)
+                      else "layer is called more than once (shared weights)")
+        else:
+            kind, reason = _classify(layer, in_shapes, out_shapes)
+        for tensor in node.keras_inputs:
+            source = tensor._keras_history.layer.name  # noqa: SLF001
+            if layer.name not in successors.setdefault(source, []):
+                successors[source].append(layer.name)
+        if kind in (KIND_NESTED, KIND_BARRIER):
+            barrier_inputs.append((Barrier(layer.name, type(layer).__name__, reason),
+                                   [s for layout in in_layouts for s in layout]))
+            for layout in in_layouts:
+                for space in layout:
+                    spaces.fix(space, f"feeds {type(layer).__name__} '{layer.name}' ({reason})")
+            out_layouts = [(spaces.new(_channels(shape), reason=f"comes out of barrier '{layer.name}'"),)
+                           for shape in out_shapes]
+        elif kind == KIND_INPUT:
+            out_layouts = [(spaces.new(_channels(shape), reason="model input"),) for shape in out_shapes]
+        elif kind == KIND_PRODUCER:
+            out_layouts = [(spaces.new(_channels(out_shapes[0]), origin=layer.name),)]
+        elif kind in (KIND_DEPTHWISE, KIND_BATCHNORM, KIND_TRANSPARENT):
+            out_layouts = [in_layouts[0]]
+        elif kind == KIND_FLATTEN:
+            repeats = int(np.prod(in_shapes[0][1:-1], dtype=np.int64))
+            out_layouts = [in_layouts[0] * repeats]
+        elif kind == KIND_CONCAT:
+            out_layouts = [tuple(space for layout in in_layouts for space in layout)]
+        elif kind == KIND_MERGE:
+            first = in_layouts[0]
+            sizes = [tuple(spaces.size[s] for s in layout) for layout in in_layouts]
+            if all(size == sizes[0] for size in sizes):
+                for layout in in_layouts[1:]:
+                    for a, b in zip(first, layout):
+                        spaces.union(a, b)
+            else:  # segments do not line up (e.g. Add of a Concatenate and a conv): keep them all
+                reason = f"{type(layer).__name__} of inputs with different channel segments"
+                barrier_inputs.append((Barrier(layer.name, type(layer).__name__, reason),
+                                       [s for layout in in_layouts for s in layout]))
+                for layout in in_layouts:
+                    for space in layout:
+                        spaces.fix(space, f"meets other channels in '{layer.name}' ({reason})")
+            out_layouts = [first]
+        else:  # pragma: no cover - every kind is handled above
+            raise AssertionError(kind)
+        for tensor_id, layout in zip(out_ids, out_layouts):
+            layouts[tensor_id] = layout
+        if kind == KIND_NESTED:
+            if layer.name in counted_shared:
+                continue  # metrics counts all calls of a shared layer at once
+            counted_shared.add(layer.name)
+            if per_layer_macs is None:
+                per_layer_macs = metrics.layer_macs(model)
+            constant_macs += sum(macs for name, macs in per_layer_macs.items()
+                                 if name == layer.name or name.startswith(layer.name + "/"))
+            continue
+        infos[layer.name] = _LayerInfo(layer.name, kind, in_layouts, out_layouts, in_shapes, out_shapes)
+        order.append(layer.name)
+        if metrics._counter(layer) is not None:  # noqa: SLF001
+            if kind in (KIND_BARRIER, KIND_INPUT):
+                # Inputs fixed, output fixed: its cost does not change with any group.
+                constant_macs += sum(metrics._counter(layer)(layer, i, o)  # noqa: SLF001
+                                     for i, o in zip(in_shapes[:1], out_shapes[:1]))
+            else:
+                mac_layers.append((layer, in_shapes[0], out_shapes[0]))
+
+    for output in model.outputs:
+        history = output._keras_history  # noqa: SLF001
+        for space in layouts[str(id(output))]:
+            spaces.fix(space, f"reaches the model output '{history.layer.name}'")
+
+    # Report the barriers that stop the channels of some producer (not those on fixed paths only).
+    with_producer = {spaces.find(space) for space, origin in enumerate(spaces.origin) if origin}
+    barriers = [barrier for barrier, inputs in barrier_inputs
+                if any(spaces.find(space) in with_producer for space in inputs)]
+    return ChannelAnalysis(model, spaces, infos, order, barriers, int(constant_macs), mac_layers,
+                           successors)

@@ -1,0 +1,222 @@
+"""channel: structured channel pruning that removes filters for real, searched per layer.
+
+The optimizer proposes one keep ratio per prunable channel group; the ratios are then
+scaled together so the pruned model's MACs land in [target, 1.05 x target] speedup (exact
+MAC arithmetic, no model is built for that). Channels are chosen by LASSO on sampled
+feature maps with least-squares reconstruction of the next layer (He et al. 2017) or by
+filter L1 norm, and the candidate is a new, smaller Keras model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from learners.base import Learner, register_learner
+from learners.channel_pruning.graph import ChannelAnalysis, analyze
+from learners.channel_pruning.selection import prune_model
+from pocketflow.errors import ConfigError
+from pocketflow.training import train
+
+log = logging.getLogger(__name__)
+
+UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Hyperparameters of channel pruning. 'search' lets the optimizer choose."""
+
+    mode: Literal["searched", "uniform"] = "searched"  # uniform: one ratio for every group (the baseline to beat)
+    # lasso: He et al. 2017 (LASSO choice + least-squares reconstruction); greedy: drop channels by
+    # their exact cost after reconstruction; l1: filter magnitude, no reconstruction (fast).
+    criterion: Literal["lasso", "greedy", "l1", "search"] = "lasso"
+    min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
+    sample_images: int = 400  # training images whose feature maps drive LASSO and reconstruction
+    recovery_epochs: float = 0.0  # optional short training of every candidate before it is scored
+    protect: Tuple[str, ...] = ()  # producer layer names whose channels are never pruned
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
+        if self.sample_images < 16:
+            raise ConfigError(f"channel.sample_images = {self.sample_images} is out of range: it must be >= 16")
+        if self.recovery_epochs < 0:
+            raise ConfigError(f"channel.recovery_epochs = {self.recovery_epochs} is out of range: it must be >= 0")
+
+
+@dataclass(frozen=True)
+class ChannelHyperparameters:
+    criterion: str
+    keep_counts: Mapping[str, int]
+
+
+@register_learner
+class ChannelPruningLearner(Learner):
+    name = "channel"
+    Config = ChannelConfig
+    targets = ("speedup",)
+
+    def __init__(self, options: ChannelConfig, context) -> None:
+        super().__init__(options, context)
+        self._analysis: Optional[ChannelAnalysis] = None
+        self._samples: Optional[np.ndarray] = None
+
+    # ------------------------------------------------------------------ analysis
+    def analysis(self, model: tf.keras.Model) -> ChannelAnalysis:
+        if self._analysis is None or self._analysis.model is not model:
+            self._analysis = analyze(model)
+            unknown = [name for name in self.options.protect if name not in self._analysis.groups]
+            if unknown:
+                raise ConfigError(f"channel.protect names {unknown}, which are not prunable groups; "
+                                  f"prunable: {', '.join(self._analysis.groups)}")
+            summary = self._analysis.summary()
+            log.info("channel analysis: %d prunable groups, %d frozen producers, %d barriers; "
+                     "MACs %s, floor %s", len(self._analysis.groups), len(summary["frozen"]),
+                     len(summary["barriers"]), f"{summary['total_macs']:,}", f"{summary['min_macs']:,}")
+        return self._analysis
+
+    def _groups(self, model: tf.keras.Model) -> Dict[str, int]:
+        """Searchable groups -> channel count (protected groups excluded)."""
+        groups = self.analysis(model).groups
+        return {name: g.channels for name, g in groups.items() if name not in self.options.protect}
+
+    def _floor_counts(self, model: tf.keras.Model) -> Dict[str, int]:
+        return {name: max(1, int(np.ceil(self.options.min_ratio * channels)))
+                for name, channels in self._groups(model).items()}
+
+    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
+        analysis = self.analysis(baseline)
+        floor = analysis.macs_for(self._floor_counts(baseline))
+        return {"speedup": analysis.total_macs / floor}
+
+    # ------------------------------------------------------------------ search space
+    def search_space(self, trial: Any) -> ChannelHyperparameters:
+        options = self.options
+        criterion = options.criterion
+        if criterion == "search":
+            criterion = trial.suggest_categorical("criterion", ["lasso", "greedy", "l1"])
+        return ChannelHyperparameters(criterion=criterion, keep_counts=self._propose(trial))
+
+    def _propose(self, trial: Any) -> Dict[str, int]:
+        if self._analysis is None:
+            raise RuntimeError("analysis(baseline) must run before search_space")
+        groups = self._groups(self._analysis.model)
+        if self.options.mode == "uniform":
+            raw = {name: 1.0 for name in groups}
+        else:
+            raw = {name: trial.suggest_float(f"keep_{name}", self.options.min_ratio, 1.0) for name in groups}
+        return self.project(raw)
+
+    def reference_params(self) -> Dict[str, Any]:
+        """Uniform ratios: after projection every group keeps the same fraction (the baseline to beat)."""
+        if self.options.mode == "uniform" or self._analysis is None:
+            return {}
+        params: Dict[str, Any] = {f"keep_{name}": 0.5 for name in self._groups(self._analysis.model)}
+        if self.options.criterion == "search":
+            params["criterion"] = "lasso"
+        return params
+
+    def max_trials(self) -> Optional[int]:
+        if self.options.mode == "uniform":
+            return 3 if self.options.criterion == "search" else 1
+        return None
+
+    def project(self, raw_ratios: Mapping[str, float]) -> Dict[str, int]:
+        """Scale the proposed ratios together so the MAC speedup lies in [target, 1.05 x target].
+
+        Ratios are multiplied by one factor s (clipped to [min_ratio, 1]); the largest s whose
+        MACs meet the target is found by bisection on exact MAC counts, then single channels
+        are added greedily (cheapest first) while the speedup stays >= target.
+        """
+        analysis = self._analysis
+        target = self.context.target.speedup
+        channels = self._groups(analysis.model)
+        floor = self._floor_counts(analysis.model)
+        if target is None:
+            return {name: max(floor[name], int(round(raw_ratios[name] * channels[name]))) for name in channels}
+        ceiling_macs = analysis.total_macs / target
+
+        def counts_at(scale: float) -> Dict[str, int]:
+            return {name: int(min(channels[name], max(floor[name], round(raw_ratios[name] * scale * channels[name]))))
+                    for name in channels}
+
+        low, high = 0.0, max(1.0 / max(r, 1e-6) for r in raw_ratios.values())
+        if analysis.macs_for(counts_at(low)) > ceiling_macs:
+            return counts_at(low)  # unreachable: the floor itself misses the target
+        for _ in range(40):
+            middle = (low + high) / 2
+            if analysis.macs_for(counts_at(middle)) <= ceiling_macs:
+                low = middle
+            else:
+                high = middle
+        counts = counts_at(low)
+        return self._fill(counts, channels, ceiling_macs)
+
+    def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], ceiling_macs: float) -> Dict[str, int]:
+        """Add channels one at a time, in proportion to the proposed shape, while MACs stay under the ceiling."""
+        analysis = self._analysis
+        current = analysis.macs_for(counts)
+        for _ in range(sum(channels.values())):
+            best_name, best_macs = None, None
+            for name in counts:
+                if counts[name] >= channels[name]:
+                    continue
+                trial_counts = dict(counts)
+                trial_counts[name] += 1
+                macs = analysis.macs_for(trial_counts)
+                if macs <= ceiling_macs and (best_macs is None or macs < best_macs):
+                    best_name, best_macs = name, macs
+            if best_name is None:
+                break
+            counts[best_name] += 1
+            current = best_macs
+        if current < ceiling_macs / UPPER_SLACK:
+            log.debug("projection left the speedup above %.2fx the target", UPPER_SLACK)
+        return counts
+
+    # ------------------------------------------------------------------ compress and train
+    def _sample_images(self) -> np.ndarray:
+        if self._samples is None:
+            self._samples = self.context.dataset.sample_train(self.options.sample_images, seed=self.context.seed)
+        return self._samples
+
+    def compress(self, model: tf.keras.Model, hparams: ChannelHyperparameters) -> tf.keras.Model:
+        analysis = self.analysis(model)
+        ratios = {name: count / analysis.groups[name].channels for name, count in hparams.keep_counts.items()}
+        samples = self._sample_images() if hparams.criterion != "l1" else None
+        pruned, info = prune_model(model, ratios, criterion=hparams.criterion, sample_images=samples,
+                                   analysis=analysis, seed=self.context.seed)
+        if info.not_reconstructed:
+            log.debug("not reconstructed: %s", info.not_reconstructed)
+        if self.options.recovery_epochs > 0:
+            recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
+            train(pruned, self.context.dataset, _gentle(recovery), distributed=self.context.distributed,
+                  seed=self.context.seed, description="recovery")
+        return pruned
+
+    def finetune(self, model: tf.keras.Model, epochs: float,
+                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+        schedule = _gentle(self.context.schedule.with_epochs(epochs))
+        train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
+              description="fine-tune")
+        return model
+
+    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+        if self._analysis is None:
+            return {}
+        after = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
+        return {"channels": {name: {"before": group.channels, "after": after.get(name)}
+                             for name, group in self._analysis.groups.items()},
+                "barriers": self._analysis.summary()["barriers"]}
+
+
+def _gentle(schedule):
+    """Fine-tuning starts from trained weights: a tenth of the from-scratch learning rate."""
+    from dataclasses import replace
+
+    return replace(schedule, learning_rate=schedule.learning_rate * 0.1)

@@ -1,0 +1,108 @@
+"""Model surgery: rebuild a functional Keras model with channels physically removed.
+
+The model is re-created from its config with fewer ``filters``/``units`` in the pruned
+producers; every layer's weights are copied, sliced along the output axis (producers)
+and the input axis (consumers: Conv/Dense kernels, BatchNorm statistics, depthwise
+kernels, separable kernels, Dense rows after a Flatten, Concatenate offsets). The result
+contains only standard layers, so it saves and loads without custom objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from learners.channel_pruning.graph import (
+    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, analyze,
+)
+
+layers = tf.keras.layers
+
+
+def _slice_weights(layer: tf.keras.layers.Layer, kind: Optional[str], weights: List[np.ndarray],
+                   in_indices: Optional[np.ndarray], out_indices: Optional[np.ndarray]) -> List[np.ndarray]:
+    """``weights`` of ``layer`` restricted to the kept input and output channels."""
+    if kind == KIND_BATCHNORM:
+        return [w[in_indices] for w in weights]
+    if kind == KIND_DEPTHWISE:
+        kernel = weights[0][..., in_indices, :]
+        return [kernel] + [w[in_indices] for w in weights[1:]]
+    if kind != KIND_PRODUCER:
+        return weights
+    if isinstance(layer, _SEPARABLE):
+        multiplier = layer.depth_multiplier
+        depthwise = weights[0][..., in_indices, :]
+        rows = (in_indices[:, None] * multiplier + np.arange(multiplier)[None, :]).reshape(-1)
+        pointwise = weights[1][..., rows, :][..., out_indices]
+        return [depthwise, pointwise] + [w[out_indices] for w in weights[2:]]
+    # Conv1D/2D/3D kernel (..., in, out); Dense kernel (in, out).
+    kernel = weights[0][..., in_indices, :][..., out_indices]
+    return [kernel] + [w[out_indices] for w in weights[1:]]
+
+
+def _unsafe_deserialization():
+    try:
+        from keras.src.saving.serialization_lib import SafeModeScope
+    except ImportError:  # pragma: no cover - other Keras 2 layouts
+        return contextlib.nullcontext()
+    return SafeModeScope(False)
+
+
+def _layer_configs(config: dict) -> List[dict]:
+    return [entry["config"] for entry in config["layers"]]
+
+
+def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
+          new_weights: Optional[Mapping[str, List[np.ndarray]]] = None,
+          analysis: Optional[ChannelAnalysis] = None,
+          custom_objects: Optional[Dict[str, object]] = None) -> tf.keras.Model:
+    """A new model in which each group in ``keep`` has only the given channels.
+
+    keep: group name -> kept channel indices (any order; groups not named keep all).
+    new_weights: layer name -> weights to use instead of the sliced ones (same shapes as
+    the pruned layer's), e.g. a consumer's kernel re-fitted by least squares.
+    ``model`` is not modified.
+    """
+    analysis = analysis or analyze(model)
+    kept = analysis.check_keep(keep)
+    new_weights = dict(new_weights or {})
+    config = copy.deepcopy(model.get_config())
+    for layer_config in _layer_configs(config):
+        name = layer_config["name"]
+        if analysis.layer_kind(name) != KIND_PRODUCER:
+            continue
+        width = len(analysis.output_indices(name, kept))
+        key = "units" if "units" in layer_config else "filters"
+        layer_config[key] = width
+    builder = tf.keras.Sequential if isinstance(model, tf.keras.Sequential) else tf.keras.Model
+    # The config comes from a live model, not from a file, so its Lambda layers are as trusted
+    # as the model itself: rebuild them without Keras' safe-mode refusal.
+    with _unsafe_deserialization():
+        pruned = builder.from_config(config, custom_objects=custom_objects)
+
+    for new_layer in pruned.layers:
+        name = new_layer.name
+        old_layer = model.get_layer(name)
+        weights = old_layer.get_weights()
+        if not weights and name not in new_weights:
+            continue
+        kind = analysis.layer_kind(name)
+        in_indices = analysis.input_indices(name, kept)
+        out_indices = analysis.output_indices(name, kept)
+        sliced = _slice_weights(old_layer, kind, weights, in_indices, out_indices)
+        if name in new_weights:
+            replacement = [np.asarray(w) for w in new_weights.pop(name)]
+            expected = [tuple(w.shape) for w in sliced]
+            if [w.shape for w in replacement] != expected:
+                raise ValueError(f"new_weights['{name}'] has shapes {[w.shape for w in replacement]}; "
+                                 f"the pruned layer needs {expected}")
+            sliced = replacement
+        new_layer.set_weights(sliced)
+    if new_weights:
+        raise ValueError(f"new_weights name layers that are not in the model: {sorted(new_weights)}")
+    return pruned
+
