@@ -1,0 +1,109 @@
+"""The channel learner: target projection, uniform mode, candidates that are really smaller."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+import tensorflow as tf
+
+from learners.base import LearnerContext
+from learners.channel_pruning.learner import ChannelConfig, ChannelPruningLearner
+from nets import NETS
+from pocketflow.config import DataConfig, TargetConfig
+from pocketflow.data import load_dataset
+from pocketflow.distributed import SingleProcess
+from pocketflow.errors import ConfigError
+from pocketflow.metrics import count_macs
+from pocketflow.training import TrainSchedule, accuracy, train
+
+
+@pytest.fixture(scope="module")
+def trained():
+    tf.keras.utils.set_random_seed(0)
+    dataset = load_dataset(DataConfig(name="digits"), seed=0)
+    model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
+    schedule = TrainSchedule(15, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    train(model, dataset, schedule)
+    return dataset, model, schedule
+
+
+def learner_for(trained, target=2.5, **options):
+    dataset, model, schedule = trained
+    context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(speedup=target),
+                             distributed=SingleProcess(), baseline_macs=count_macs(model))
+    learner = ChannelPruningLearner(ChannelConfig(**options), context)
+    learner.analysis(model)
+    return learner
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 2.5, 4.0])
+def test_projection_lands_in_the_target_window_for_any_proposal(trained, target):
+    learner = learner_for(trained, target)
+    analysis = learner.analysis(trained[1])
+    rng = np.random.default_rng(int(target * 10))
+    for _ in range(20):
+        raw = {name: float(rng.uniform(0.1, 1.0)) for name in analysis.groups}
+        counts = learner.project(raw)
+        speedup = analysis.total_macs / analysis.macs_for(counts)
+        assert target <= speedup <= 1.05 * target, (raw, counts, speedup)
+
+
+def test_candidate_is_physically_smaller_and_meets_the_target(trained, tmp_path):
+    dataset, model, _ = trained
+    learner = learner_for(trained, 2.5)
+    hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+    candidate = learner.compress(model, hparams)
+    metrics = learner.candidate_metrics(candidate)
+    assert 2.5 <= metrics["speedup"] <= 2.625
+    assert metrics["macs"] == count_macs(candidate)
+    assert candidate.count_params() < model.count_params()
+    filters_before = {l.name: l.filters for l in model.layers if isinstance(l, tf.keras.layers.Conv2D)}
+    filters_after = {l.name: l.filters for l in candidate.layers if isinstance(l, tf.keras.layers.Conv2D)}
+    assert all(filters_after[name] < filters_before[name] for name in filters_before)
+    # Uniform reference: every group keeps (about) the same fraction.
+    fractions = [filters_after[n] / filters_before[n] for n in filters_before]
+    assert max(fractions) - min(fractions) < 0.1
+    candidate.save(tmp_path / "pruned.keras")
+    reloaded = tf.keras.models.load_model(tmp_path / "pruned.keras", compile=False)
+    images = dataset.sample_train(8)
+    np.testing.assert_allclose(reloaded(images).numpy(), candidate(images).numpy(), atol=1e-5)
+    # Reconstruction keeps the candidate useful before any fine-tuning.
+    assert accuracy(candidate, dataset.validation(256)) > 0.8
+
+
+def test_l1_and_greedy_criteria(trained):
+    dataset, model, _ = trained
+    for criterion in ("l1", "greedy"):
+        learner = learner_for(trained, 2.0, criterion=criterion)
+        hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+        assert hparams.criterion == criterion
+        assert 2.0 <= learner.candidate_metrics(learner.compress(model, hparams))["speedup"] <= 2.1
+
+
+def test_uniform_mode_has_a_single_candidate(trained):
+    learner = learner_for(trained, 2.0, mode="uniform")
+    assert learner.max_trials() == 1 and learner.reference_params() == {}
+    counts = learner.search_space(optuna.trial.FixedTrial({})).keep_counts
+    groups = learner.analysis(trained[1]).groups
+    fractions = [counts[n] / groups[n].channels for n in groups]
+    assert max(fractions) - min(fractions) < 0.1
+
+
+def test_search_criterion_and_reachable(trained):
+    learner = learner_for(trained, 2.0, criterion="search", min_ratio=0.25)
+    assert learner.reference_params()["criterion"] == "lasso"
+    reachable = learner.reachable(trained[1])["speedup"]
+    assert 4 < reachable < 20  # every group at a quarter of its channels
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="channel.min_ratio = 0.0"):
+        ChannelConfig(min_ratio=0.0)
+    with pytest.raises(ConfigError, match="not prunable groups"):
+        learner_for_protect = ChannelConfig(protect=("no_such_layer",))
+        dataset = load_dataset(DataConfig(name="digits"), seed=0)
+        model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
+        context = LearnerContext(dataset=dataset, schedule=None, target=TargetConfig(speedup=2.0),
+                                 distributed=SingleProcess(), baseline_macs=count_macs(model))
+        ChannelPruningLearner(learner_for_protect, context).analysis(model)
