@@ -179,8 +179,8 @@ class Runner:
         if config.model:
             baseline_model, source = load_baseline(config.model, dataset), f"file:{config.model}"
             if not self.learner_class.searches and schedule.epochs > 0:
-                from pocketflow.training import train
-                train(baseline_model, dataset, schedule, distributed=distributed, seed=config.seed,
+                from pocketflow.training import from_trained, train
+                train(baseline_model, dataset, from_trained(schedule), distributed=distributed, seed=config.seed,
                       description="train")
                 source += f" (+{schedule.epochs} epochs)"
         else:
@@ -288,13 +288,13 @@ class Runner:
 
 def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:
     """The net's recipe; for a user's model, the recipe of the dataset's default net (e.g. CIFAR
-    augmentation), with a lower learning rate since the model is already trained."""
+    augmentation). Training that starts from trained weights scales the learning rate down itself."""
     if net is not None:
         return net.schedule
     default_net = DATASETS.get(dataset_name).default_net
     if default_net in NETS:
-        return dataclasses.replace(NETS.get(default_net).schedule, learning_rate=NETS.get(default_net).schedule.learning_rate * 0.1)
-    return Schedule(epochs=10, batch_size=128, learning_rate=0.01, schedule="cosine", weight_decay=5e-4)
+        return NETS.get(default_net).schedule
+    return Schedule(epochs=10, batch_size=128, learning_rate=0.1, schedule="cosine", weight_decay=5e-4)
 
 
 def _environment(config: RunConfig) -> Dict[str, Any]:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 LossFunction = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]  # (images, labels, logits) -> loss
 
 
+PROGRESS_SECONDS = 30.0  # a progress line at least this often during long epochs
+
+
 class DivergenceError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -62,6 +65,14 @@ def resolve_schedule(net_schedule: Schedule, train: TrainConfig, data: DataConfi
         augment=pick(data.augment, net_schedule.augment),
         scale_learning_rate=train.scale_learning_rate,
     )
+
+
+FROM_TRAINED_LEARNING_RATE_FACTOR = 0.1
+
+
+def from_trained(schedule: TrainSchedule) -> TrainSchedule:
+    """Training that starts from trained weights (fine-tuning) uses a tenth of the from-scratch rate."""
+    return replace(schedule, learning_rate=schedule.learning_rate * FROM_TRAINED_LEARNING_RATE_FACTOR)
 
 
 def outputs_probabilities(model: tf.keras.Model) -> bool:
@@ -138,7 +149,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
                          shard=distributed.shard(), repeat=True)
     losses: List[float] = []
     epoch_losses: List[float] = []
-    started = time.time()
+    started = last_note = time.time()
     epoch = 0
     for step_index, (images, labels) in enumerate(batches.take(total_steps)):
         loss = float(step(images, labels))
@@ -151,6 +162,12 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
             raise DivergenceError(f"{description}: the loss became {loss} at step {step_index + 1}; "
                                   f"lower the learning rate (--learning-rate)")
         epoch_losses.append(loss)
+        if distributed.is_chief and time.time() - last_note >= PROGRESS_SECONDS:
+            last_note = time.time()
+            done = (step_index + 1) / total_steps
+            elapsed = last_note - started
+            log.info("%s step %d/%d (%.0f%%) loss %.4f  elapsed %.0fs  eta %.0fs", description, step_index + 1,
+                     total_steps, 100 * done, float(np.mean(epoch_losses)), elapsed, elapsed / done - elapsed)
         last_step = step_index + 1 == total_steps
         if (step_index + 1) % steps_per_epoch == 0 or last_step:
             epoch += 1

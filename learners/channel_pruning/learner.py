@@ -20,7 +20,7 @@ from learners.base import Learner, register_learner
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.selection import prune_model
 from pocketflow.errors import ConfigError
-from pocketflow.training import train
+from pocketflow.training import from_trained, train
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ class ChannelConfig:
     # their exact cost after reconstruction; l1: filter magnitude, no reconstruction (fast).
     criterion: Literal["lasso", "greedy", "l1", "search"] = "lasso"
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
+    # Hardware-friendly widths: CPU kernels (XNNPACK) compute output channels in SIMD blocks, so
+    # a layer cut to 5 channels costs about what 8 cost. Counts are multiples of channel_multiple
+    # (or the full width) and at least min_channels (or the full width when it is smaller).
+    channel_multiple: int = 4
+    min_channels: int = 8
     sample_images: int = 400  # training images whose feature maps drive LASSO and reconstruction
     recovery_epochs: float = 0.0  # optional short training of every candidate before it is scored
     protect: Tuple[str, ...] = ()  # producer layer names whose channels are never pruned
@@ -43,6 +48,10 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.min_ratio <= 1.0:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"channel.channel_multiple = {self.channel_multiple} is out of range: it must be >= 1")
+        if self.min_channels < 1:
+            raise ConfigError(f"channel.min_channels = {self.min_channels} is out of range: it must be >= 1")
         if self.sample_images < 16:
             raise ConfigError(f"channel.sample_images = {self.sample_images} is out of range: it must be >= 16")
         if self.recovery_epochs < 0:
@@ -86,8 +95,16 @@ class ChannelPruningLearner(Learner):
         return {name: g.channels for name, g in groups.items() if name not in self.options.protect}
 
     def _floor_counts(self, model: tf.keras.Model) -> Dict[str, int]:
-        return {name: max(1, int(np.ceil(self.options.min_ratio * channels)))
+        return {name: self._snap(channels, max(self.options.min_channels,
+                                               int(np.ceil(self.options.min_ratio * channels))), up=True)
                 for name, channels in self._groups(model).items()}
+
+    def _snap(self, channels: int, count: float, up: bool = False) -> int:
+        """Nearest allowed width (a multiple of channel_multiple, or the full width), in [1, channels]."""
+        multiple = self.options.channel_multiple
+        steps = np.ceil(count / multiple) if up else np.round(count / multiple)
+        snapped = int(steps) * multiple
+        return int(min(channels, max(min(multiple, channels), snapped)))
 
     def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
         analysis = self.analysis(baseline)
@@ -138,11 +155,12 @@ class ChannelPruningLearner(Learner):
         channels = self._groups(analysis.model)
         floor = self._floor_counts(analysis.model)
         if target is None:
-            return {name: max(floor[name], int(round(raw_ratios[name] * channels[name]))) for name in channels}
+            return {name: max(floor[name], self._snap(channels[name], raw_ratios[name] * channels[name]))
+                for name in channels}
         ceiling_macs = analysis.total_macs / target
 
         def counts_at(scale: float) -> Dict[str, int]:
-            return {name: int(min(channels[name], max(floor[name], round(raw_ratios[name] * scale * channels[name]))))
+            return {name: max(floor[name], self._snap(channels[name], raw_ratios[name] * scale * channels[name]))
                     for name in channels}
 
         low, high = 0.0, max(1.0 / max(r, 1e-6) for r in raw_ratios.values())
@@ -154,30 +172,31 @@ class ChannelPruningLearner(Learner):
                 low = middle
             else:
                 high = middle
-        counts = counts_at(low)
-        return self._fill(counts, channels, ceiling_macs)
+        shape = {name: max(raw_ratios[name], 1e-6) for name in channels}
+        counts = self._fill(counts_at(low), channels, ceiling_macs, self.options.channel_multiple, shape)
+        if analysis.macs_for(counts) < ceiling_macs / UPPER_SLACK:  # coarse steps overshot the window
+            counts = self._fill(counts, channels, ceiling_macs, 1, shape)
+        return counts
 
-    def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], ceiling_macs: float) -> Dict[str, int]:
-        """Add channels one at a time, in proportion to the proposed shape, while MACs stay under the ceiling."""
+    def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], ceiling_macs: float, step: int,
+              shape: Mapping[str, float]) -> Dict[str, int]:
+        """Widen groups by ``step`` while MACs stay under the ceiling, always the group furthest
+        below its proposed share (``shape``), so the proposal's proportions are kept."""
         analysis = self._analysis
-        current = analysis.macs_for(counts)
-        for _ in range(sum(channels.values())):
-            best_name, best_macs = None, None
+        counts = dict(counts)
+        while True:
+            fitting = []
             for name in counts:
                 if counts[name] >= channels[name]:
                     continue
-                trial_counts = dict(counts)
-                trial_counts[name] += 1
-                macs = analysis.macs_for(trial_counts)
-                if macs <= ceiling_macs and (best_macs is None or macs < best_macs):
-                    best_name, best_macs = name, macs
-            if best_name is None:
-                break
-            counts[best_name] += 1
-            current = best_macs
-        if current < ceiling_macs / UPPER_SLACK:
-            log.debug("projection left the speedup above %.2fx the target", UPPER_SLACK)
-        return counts
+                widened = dict(counts)
+                widened[name] = min(channels[name], counts[name] + step)
+                if analysis.macs_for(widened) <= ceiling_macs:
+                    fitting.append((counts[name] / (shape[name] * channels[name]), name))
+            if not fitting:
+                return counts
+            _, name = min(fitting)
+            counts[name] = min(channels[name], counts[name] + step)
 
     # ------------------------------------------------------------------ compress and train
     def _sample_images(self) -> np.ndarray:
@@ -195,13 +214,13 @@ class ChannelPruningLearner(Learner):
             log.debug("not reconstructed: %s", info.not_reconstructed)
         if self.options.recovery_epochs > 0:
             recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
-            train(pruned, self.context.dataset, _gentle(recovery), distributed=self.context.distributed,
+            train(pruned, self.context.dataset, from_trained(recovery), distributed=self.context.distributed,
                   seed=self.context.seed, description="recovery")
         return pruned
 
     def finetune(self, model: tf.keras.Model, epochs: float,
                  teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
-        schedule = _gentle(self.context.schedule.with_epochs(epochs))
+        schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
               description="fine-tune")
         return model
@@ -215,8 +234,3 @@ class ChannelPruningLearner(Learner):
                 "barriers": self._analysis.summary()["barriers"]}
 
 
-def _gentle(schedule):
-    """Fine-tuning starts from trained weights: a tenth of the from-scratch learning rate."""
-    from dataclasses import replace
-
-    return replace(schedule, learning_rate=schedule.learning_rate * 0.1)
