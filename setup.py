@@ -14,6 +14,7 @@ setup(
         "tf-keras==2.15.1",
         "tensorflow-model-optimization>=0.8,<0.9",
         "optuna>=5,<6",
+        "cmaes>=0.10",  # --sampler cmaes
         "numpy>=1.26,<2",
         "pyyaml>=6",
         "scikit-learn>=1.3",

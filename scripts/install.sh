@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 python -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 is required, this is {sys.version.split()[0]}"'
 python -m pip install --upgrade "pip>=23" setuptools wheel
 python -m pip install -e ".[test]"
+# Optuna's GP sampler (--sampler gp) runs on PyTorch; the CPU build is enough.
+python -c "import torch" 2>/dev/null || python -m pip install "torch==2.13.0"
 
 # Horovod 0.28.1 builds from source against the installed TensorFlow, with Gloo (no MPI needed).
 # CMake 4 rejects its bundled gloo, hence cmake<4; --no-build-isolation lets it see TensorFlow.
