@@ -87,6 +87,18 @@ def render_markdown(report: Dict[str, Any]) -> str:
             lines += ["", "Chosen hyperparameters:", "", "```", json.dumps(best["hyperparameters"], indent=2), "```"]
     else:
         lines += ["", "No result: " + str(report.get("reason", "no candidate met the target"))]
+    search = report.get("search") or {}
+    if search.get("best_validation_accuracy") is not None:
+        line = (f"Search: best validation accuracy {_percent(search['best_validation_accuracy'])} "
+                f"(trial #{search.get('best_trial')})")
+        if search.get("reference_validation_accuracy") is not None:
+            line += f"; the uniform reference trial reached {_percent(search['reference_validation_accuracy'])}"
+        lines += ["", line + f". Every trial: `{search.get('trials_csv', 'trials.csv')}`; study "
+                              f"'{search.get('study_name')}' in `{search.get('storage')}`."]
+    if best and best.get("barriers"):
+        lines += ["", "Barriers (layers the channel analysis does not see through; the channels feeding them "
+                      "are kept):", ""]
+        lines += [f"- `{b['layer']}` ({b['class']}): {b['reason']}" for b in best["barriers"]]
     trials = report.get("trials") or {}
     if trials:
         lines += ["", f"Trials: {trials.get('completed', 0)} completed, {trials.get('failed', 0)} failed, "
