@@ -161,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.quiet)
     from pocketflow.errors import TargetNotMetError, UserError
+    from pocketflow.training import DivergenceError
 
     try:
         from learners import LEARNERS
@@ -176,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TargetNotMetError as error:
         print(f"target not met: {error}", file=sys.stderr)
         return error.exit_code
+    except DivergenceError as error:
+        print(f"error: training diverged: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -143,6 +143,7 @@ class Runner:
         except OSError as error:
             raise UserError(f"cannot write to --output-dir '{directory}' ({error.strerror}); "
                             f"choose a writable directory") from None
+        self._lock = lock_directory(directory)
 
     # ------------------------------------------------------------------ measuring
     def _measure(self, model: tf.keras.Model, dataset: Dataset, stem: str, modes: List[str]) -> Measurement:
@@ -284,6 +285,30 @@ class Runner:
                                    if base_latency and best["tflite_latency_ms"] else None)
         best["exports"] = {mode: m.as_dict() for mode, m in measured.tflite.items()}
         return best
+
+
+def lock_directory(directory: Path):
+    """Hold an exclusive lock on ``directory/.lock`` for the life of this process.
+
+    The kernel drops the lock when the process dies (kill -9 included), so a dead run never
+    blocks ``--resume``; a live one makes a second run on the same directory refuse.
+    """
+    import fcntl
+
+    handle = open(directory / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"--output-dir '{directory}' is in use by a running job ({owner}); wait for it to "
+                        f"finish, or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{platform.node()}:{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:

@@ -140,3 +140,31 @@ def test_pretrained_resnet20_is_evaluated_as_published(tmp_path):
     assert report["baseline"]["accuracy"] == pytest.approx(0.9173, abs=0.0002)
     assert report["baseline"]["tflite_accuracy"] == pytest.approx(0.9173, abs=0.002)
     assert report["baseline"]["macs"] == pytest.approx(40.8e6, rel=0.02)
+
+
+def test_a_live_run_holds_its_output_directory(tmp_path, capsys):
+    from pocketflow.runner import lock_directory
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(h, fcntl.LOCK_EX); h.write('host:4242'); h.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code = main(["--epochs", "0", "--output-dir", str(out), "-q", "--resume"])
+        assert code == 2
+        assert "is in use by a running job (host:4242)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    handle = lock_directory(out)  # the dead holder's lock is gone
+    handle.close()
+
+
+def test_a_diverging_baseline_stops_with_a_clear_message(tmp_path, capsys):
+    code = main(["--epochs", "2", "--learning-rate", "1e12", "--output-dir", str(tmp_path / "nan"), "-q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged" in err and "lower the learning rate" in err and "Traceback" not in err
