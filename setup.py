@@ -15,6 +15,7 @@ setup(
         "tensorflow-model-optimization>=0.8,<0.9",
         "optuna>=5,<6",
         "cmaes>=0.10",  # --sampler cmaes
+        "psycopg[binary]>=3",  # PostgreSQL study storage (postgresql:// URLs) for searchers on many machines
         "numpy>=1.26,<2",
         "pyyaml>=6",
         "scikit-learn>=1.3",

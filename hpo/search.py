@@ -2,12 +2,19 @@
 study holds ``--trials`` completed trials; then hand back the best candidate that met the target.
 
 Rank 0 owns the Optuna study; other Horovod ranks receive each trial's parameters by
-broadcast and compress identically. Trials are scored on the validation split carved from
-the training data, never on the test split.
+broadcast and compress identically (their training steps are collective); rank 0 alone
+scores, records and writes. Trials are scored on the validation split carved from the
+training data, never on the test split.
+
+Several searchers (processes or Horovod jobs) may share one study through ``--storage`` and
+``--study-name``: ``--trials`` is the study's total, and each searcher stops asking when
+completed + running trials reach it. The check and the ask happen under the study's lock
+(``hpo.storage.study_lock``), so the budget is never overshot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -22,8 +29,8 @@ from optuna.trial import TrialState
 
 from hpo import results
 from hpo.samplers import make_sampler
-from hpo.storage import (WORKER_ATTRIBUTE, counts, default_storage_url, load_or_create, open_storage,
-                         recover_dead_trials, worker_id)
+from hpo.storage import (WORKER_ATTRIBUTE, claim_study, counts, default_storage_url, display_url,
+                         load_or_create, open_storage, recover_dead_trials, study_lock, worker_id)
 from hpo.targets import describe_shortfall, meets, violations
 from learners.base import Learner
 from pocketflow.config import RunConfig
@@ -55,6 +62,7 @@ class Search:
         self.distributed = distributed
         self.requested = config.target.requested()
         self.study: Optional[optuna.Study] = None
+        self.storage_url = self.study_name = ""
         self.started = time.time()
         self.trial_seconds: List[float] = []
         self.consecutive_failures = 0
@@ -63,17 +71,25 @@ class Search:
 
     # ------------------------------------------------------------------ study
     def _open_study(self) -> optuna.Study:
+        """Open (or join) the study and queue its reference trial, under the study's lock."""
         hpo = self.config.hpo
+        subject = self.config.net or Path(self.config.model).stem
         url = hpo.storage or default_storage_url(self.output_dir)
-        name = hpo.study_name or f"{self.config.learner}-{self.config.net or Path(self.config.model).stem}"
-        study = load_or_create(open_storage(url), name, self._sampler(0), self.resume,
-                               shared=hpo.storage is not None)
-        study.set_user_attr("target", self.requested)
-        if self.resume or hpo.storage is not None:
-            recover_dead_trials(study)
-        log.info("study '%s' in %s: %s", name, url, _format_counts(counts(study)))
-        self.storage_url = url
+        name = hpo.study_name or f"{self.config.learner}-{subject}"
+        self.storage_url, self.study_name = url, name
+        with self._lock():
+            study = load_or_create(open_storage(url), name, self._sampler(0), self.resume,
+                                   shared=hpo.storage is not None)
+            claim_study(study, {"learner": self.config.learner, "model": subject, "target": self.requested})
+            if self.resume or hpo.storage is not None:
+                recover_dead_trials(study)
+            self.study = study
+            self._enqueue_reference()
+        log.info("study '%s' in %s: %s", name, display_url(url), _format_counts(counts(study)))
         return study
+
+    def _lock(self) -> contextlib.AbstractContextManager:
+        return study_lock(self.storage_url, self.study_name)
 
     def _sampler(self, trial_number: int) -> optuna.samplers.BaseSampler:
         return make_sampler(self.config.hpo.sampler, self.config.seed + trial_number)
@@ -92,11 +108,13 @@ class Search:
         decision = None
         trial = None
         if self.distributed.is_chief:
-            if not self._enough():
-                study = self.study
-                study.sampler = self._sampler(len(study.get_trials(deepcopy=False)))
-                trial = study.ask()
-                trial.set_user_attr(WORKER_ATTRIBUTE, worker_id())
+            with self._lock():  # other searchers of the study check and ask in turn
+                if not self._enough():
+                    study = self.study
+                    study.sampler = self._sampler(len(study.get_trials(deepcopy=False)))
+                    trial = study.ask()
+                    trial.set_user_attr(WORKER_ATTRIBUTE, worker_id())
+            if trial is not None:
                 hparams = self.learner.search_space(trial)
                 decision = {"params": dict(trial.params), "number": trial.number,
                             "hyperparameters": hyperparameters_dict(hparams)}
@@ -105,7 +123,9 @@ class Search:
 
     def _evaluate(self, params: Dict[str, Any]) -> Tuple[float, Dict[str, float]]:
         hparams = self.learner.search_space(optuna.trial.FixedTrial(params))
-        candidate = self.learner.compress(self.baseline, hparams)
+        candidate = self.learner.compress(self.baseline, hparams)  # every rank: its training is collective
+        if not self.distributed.is_chief:
+            return math.nan, {}  # only rank 0 scores and records
         achieved = self.learner.candidate_metrics(candidate)
         score = accuracy(candidate, self.learner.context.dataset.validation(256))
         del candidate
@@ -139,42 +159,54 @@ class Search:
             return SearchOutcome(None, {}, {"completed": 0, "failed": 0, "pruned": 0}, reason,
                                  {"largest_reached": reachable})
         if self.distributed.is_chief:
-            self.study = self._open_study()
-            self._enqueue_reference()
+            self._open_study()
         while True:
             trial, decision = self._ask()
             if decision is None:
                 break
             begin = time.time()
+            error: Optional[Exception] = None
             try:
                 score, achieved = self._evaluate(decision["params"])
             except KeyboardInterrupt:
                 if trial is not None:
                     self._fail(trial, "interrupted by the user")
                 raise
-            except Exception as error:  # noqa: BLE001 - a failed trial must not stop the search
+            except Exception as caught:  # noqa: BLE001 - a failed trial must not stop the search
+                error = caught
                 reason = f"{type(error).__name__}: {error}"
                 log.warning("trial %d failed: %s", decision["number"], reason, exc_info=True)
                 if trial is not None:
                     self._fail(trial, reason)
-                self.consecutive_failures += 1
-                if self.consecutive_failures >= MAX_FAILURES_WITHOUT_SUCCESS and not self._any_completed():
-                    raise
+            verdict = self.distributed.broadcast_object(self._verdict(error))  # rank 0's verdict binds all
+            if verdict == "give up":
+                raise error or RuntimeError(f"the search stopped: the first {MAX_FAILURES_WITHOUT_SUCCESS} "
+                                            f"trials failed on rank 0 (see its log)")
+            if verdict == "failed" or trial is None:
                 continue
-            self.consecutive_failures = 0
             seconds = time.time() - begin
             self.trial_seconds.append(seconds)
-            if trial is not None:
-                self._record(trial, score, achieved, seconds, decision["hyperparameters"])
-                self._progress(decision["number"], score, achieved, seconds)
-                results.write_trials(self.study, self.output_dir, self.requested)
+            self._record(trial, score, achieved, seconds, decision["hyperparameters"])
+            self._progress(decision["number"], score, achieved, seconds)
+            results.write_trials(self.study, self.output_dir, self.requested)
         return self._outcome()
+
+    def _verdict(self, error: Optional[Exception]) -> str:
+        """After a trial: "ok", "failed" (go on), or "give up" (the first trials all failed)."""
+        if error is None:
+            self.consecutive_failures = 0
+            return "ok"
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= MAX_FAILURES_WITHOUT_SUCCESS and not self._any_completed():
+            return "give up"
+        return "failed"
 
     def _any_completed(self) -> bool:
         return self.study is None or counts(self.study)["completed"] > 0
 
     def _enqueue_reference(self) -> None:
-        """Queue the learner's reference point (e.g. uniform ratios) as the study's first trial."""
+        """Queue the learner's reference point (e.g. uniform ratios) as the study's first trial
+        (under the study's lock: two searchers starting together queue it once)."""
         reference = self.learner.reference_params()
         if reference and not self.study.get_trials(deepcopy=False):
             self.study.enqueue_trial(reference, user_attrs={"reference": True})
@@ -205,7 +237,7 @@ class Search:
             best = self._best_trial()
             results.write_trials(self.study, self.output_dir, self.requested)
             results.write_plots(self.study, self.output_dir, self.requested)
-            details = results.summary(self.study, self.requested, self.storage_url)
+            details = results.summary(self.study, self.requested, display_url(self.storage_url))
             if best is not None:
                 decision = {"params": best.params, "number": best.number,
                             "hyperparameters": best.user_attrs.get("hyperparameters", {})}

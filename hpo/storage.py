@@ -4,17 +4,27 @@ The default is ``sqlite:///<output-dir>/study.db``, a real file that survives ki
 Any Optuna RDB URL works (PostgreSQL for searchers on several machines). Trials carry the
 host and process that ran them, so ``--resume`` can tell a trial whose process died
 (mark it failed, run its parameters again) from one that another live searcher is running.
+
+Several searchers may share one study (same ``--storage`` and ``--study-name``). Their
+check-then-act steps (create the study, queue the reference trial, "is the budget reached?
+then ask for a trial") run under ``study_lock``, so two searchers never both take the last
+trial of the budget or both queue the reference trial.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, Iterator, List, Optional
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from pocketflow.errors import UserError
@@ -29,15 +39,103 @@ def default_storage_url(output_dir: Path) -> str:
     return f"sqlite:///{(output_dir / 'study.db').resolve()}"
 
 
+def display_url(url: str) -> str:
+    """The storage URL without its password, for logs and reports."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy understands: shown as given
+        return url
+
+
+def _storage_error(url: str, error: BaseException) -> UserError:
+    reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    if isinstance(error, ImportError):
+        reason += "; install the database driver: pip install 'psycopg[binary]' for PostgreSQL, pymysql for MySQL"
+    return UserError(f"cannot open the study storage '{display_url(url)}' ({reason}); check --storage "
+                     f"(e.g. sqlite:///runs/study.db or postgresql://user:password@host:5432/db)")
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An RDB storage (SQLite waits up to a minute for a lock held by another searcher)."""
     try:
         return optuna.storages.RDBStorage(
             url=url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {})
     except Exception as error:  # noqa: BLE001 - any failure here is an unusable URL
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise UserError(f"cannot open the study storage '{url}' ({reason}); check --storage "
-                        f"(e.g. sqlite:///runs/study.db or postgresql://user:password@host:5432/db)") from None
+        raise _storage_error(url, error) from None
+
+
+_LOCK_ENGINES: Dict[str, Any] = {}
+_UNLOCKED_WARNED: set = set()
+
+
+def _lock_key(study_name: str) -> int:
+    """A signed 64-bit number for PostgreSQL's advisory locks, stable across processes."""
+    digest = hashlib.sha256(f"pocketflow-study:{study_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_engine(url: str) -> Any:
+    if url not in _LOCK_ENGINES:
+        _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    return _LOCK_ENGINES[url]
+
+
+@contextlib.contextmanager
+def _sqlite_lock(url: str) -> Iterator[None]:
+    try:
+        database = sqlalchemy.engine.make_url(url).database
+    except Exception:  # noqa: BLE001 - a malformed URL fails in open_storage with the fix
+        database = None
+    if not database or database == ":memory:" or not Path(database).parent.is_dir():
+        yield  # an in-memory study has one process; a missing folder fails in open_storage
+        return
+    with open(f"{database}.lock", "a") as handle:  # one machine: an flock beside the database
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _server_lock(url: str, study_name: str, dialect: str) -> Iterator[None]:
+    if dialect == "postgresql":
+        take, release = "SELECT pg_advisory_lock(:key)", "SELECT pg_advisory_unlock(:key)"
+        parameters: Dict[str, Any] = {"key": _lock_key(study_name)}
+    else:  # mysql / mariadb
+        take, release = "SELECT GET_LOCK(:key, 3600)", "SELECT RELEASE_LOCK(:key)"
+        parameters = {"key": f"pocketflow:{study_name}"[:64]}
+    try:
+        connection = _lock_engine(url).connect()
+        connection.execute(sqlalchemy.text(take), parameters)
+    except Exception as error:  # noqa: BLE001 - an unreachable server or a bad URL
+        raise _storage_error(url, error) from None
+    try:
+        yield
+    finally:
+        try:
+            connection.execute(sqlalchemy.text(release), parameters)
+        finally:
+            connection.close()
+
+
+def study_lock(url: str, study_name: str) -> contextlib.AbstractContextManager:
+    """A lock shared by every searcher of ``study_name`` in ``url``, held around check-then-act steps.
+
+    SQLite: an flock on ``<database>.lock`` (searchers on one machine); PostgreSQL: an
+    advisory lock; MySQL: GET_LOCK. Other back ends get no lock: each extra searcher may then
+    start one trial more than the budget.
+    """
+    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    if dialect == "sqlite":
+        return _sqlite_lock(url)
+    if dialect in ("postgresql", "mysql", "mariadb"):
+        return _server_lock(url, study_name, "postgresql" if dialect == "postgresql" else "mysql")
+    if dialect not in _UNLOCKED_WARNED:
+        _UNLOCKED_WARNED.add(dialect)
+        log.warning("storage '%s': no lock between searchers for this database; each extra searcher may run "
+                    "one trial more than --trials", dialect)
+    return contextlib.nullcontext()
 
 
 def worker_id() -> str:
@@ -100,3 +198,15 @@ def load_or_create(storage: optuna.storages.BaseStorage, study_name: str, sample
                         f"or choose another --study-name")
     return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, direction="maximize",
                                load_if_exists=True)
+
+
+def claim_study(study: optuna.Study, attributes: Dict[str, Any]) -> None:
+    """Record what this study searches for; a searcher that joins it must search for the same thing."""
+    for key, value in attributes.items():
+        wanted = json.loads(json.dumps(value))
+        existing: Optional[Any] = study.user_attrs.get(key)
+        if existing is None:
+            study.set_user_attr(key, wanted)
+        elif existing != wanted:
+            raise UserError(f"study '{study.study_name}' was started with {key} {existing}, this run asks for "
+                            f"{wanted}; use the same {key}, or another --study-name")

@@ -30,9 +30,11 @@ def cache_directory() -> Path:
     return Path(os.environ.get("POCKETFLOW_CACHE_DIR", Path.home() / ".cache" / "pocketflow-tf2"))
 
 
-def cache_key(net: NetSpec, data: DataConfig, schedule: TrainSchedule, seed: int) -> str:
+def cache_key(net: NetSpec, data: DataConfig, schedule: TrainSchedule, seed: int, world_size: int = 1) -> str:
     identity = {"net": net.name, "options": net.options, "data": asdict(data), "schedule": asdict(schedule),
                 "seed": seed, "tensorflow": tf.__version__}
+    if world_size > 1:  # more workers: larger global batch, scaled learning rate, another result
+        identity["world_size"] = world_size
     identity["data"].pop("dir", None)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{net.name}-{data.name}-{digest}"
@@ -46,11 +48,22 @@ def load_baseline(model_path: str, dataset: Dataset) -> tf.keras.Model:
 
 def train_baseline(net: NetSpec, data_config: DataConfig, dataset: Dataset, schedule: TrainSchedule, *,
                    seed: int, distributed: SingleProcess, use_cache: bool) -> Tuple[tf.keras.Model, str]:
-    """Build ``net`` and train it for ``schedule.epochs``; returns the model and where it came from."""
-    cached = cache_directory() / f"{cache_key(net, data_config, schedule, seed)}.keras"
-    if use_cache and schedule.epochs > 0 and cached.exists():
+    """Build ``net`` and train it for ``schedule.epochs``; returns the model and where it came from.
+
+    Under Horovod the chief decides whether the cache is used (other ranks, perhaps on other
+    machines, may not see the file) and the other ranks receive its weights, so every rank
+    starts the search from the same baseline.
+    """
+    cached = cache_directory() / f"{cache_key(net, data_config, schedule, seed, distributed.size)}.keras"
+    cache_hit = use_cache and schedule.epochs > 0 and distributed.is_chief and cached.exists()
+    if distributed.broadcast_object(cache_hit):
         log.info("baseline: using the cached %s trained for %s epochs (%s)", net.name, schedule.epochs, cached)
-        return tf.keras.models.load_model(cached, compile=False), f"cache:{cached}"
+        if distributed.is_chief:
+            model = tf.keras.models.load_model(cached, compile=False)
+        else:
+            model = net.make(dataset.input_shape, dataset.num_classes)
+        distributed.broadcast_variables(model.variables)
+        return model, f"cache:{cached}"
     tf.keras.utils.set_random_seed(seed)
     model = net.make(dataset.input_shape, dataset.num_classes)
     if schedule.epochs <= 0:

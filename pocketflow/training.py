@@ -178,6 +178,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
                 elapsed = time.time() - started
                 log.info("%s epoch %d/%s loss %.4f (%.0fs)", description, epoch,
                          _format_epochs(schedule.epochs), mean_loss, elapsed)
+    distributed.average_variables(model.non_trainable_variables)  # BatchNorm statistics: one value on every rank
     return losses
 
 
