@@ -241,3 +241,18 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
     return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
                              latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
                              input_dtype=loaded.input_dtype)
+
+
+def compare_latency(paths: list, rounds: int = 5, min_seconds: float = 0.5, threads: int = 1) -> Dict[str, float]:
+    """Best-of-``rounds`` median batch-1 latency (ms) per file, the files timed in turn each round.
+
+    Interleaving makes the ratio between files robust to load that comes and goes on the machine.
+    """
+    models = {str(path): TFLiteModel(path, threads=threads) for path in paths}
+    shape = models[str(paths[0])]._input["shape"]
+    sample = np.random.default_rng(0).random((1, *shape[1:])).astype(np.float32)
+    best = {name: float("inf") for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            best[name] = min(best[name], model.latency(sample, min_seconds=min_seconds)[0])
+    return best

@@ -11,6 +11,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+ROOT_FOR_IMPORTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT_FOR_IMPORTS))
+import pocketflow  # noqa: E402,F401  (picks the process's Keras before any test touches tf.keras)
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

@@ -10,6 +10,7 @@ contains only standard layers, so it saves and loads without custom objects.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import copy
 from typing import Dict, List, Mapping, Optional
 
@@ -45,11 +46,14 @@ def _slice_weights(layer: tf.keras.layers.Layer, kind: Optional[str], weights: L
 
 
 def _unsafe_deserialization():
+    """Allow Lambda layers while rebuilding (the config comes from the live model, not a file),
+    in whichever Keras package tf.keras resolved to (tf_keras under pocketflow.keras_setup)."""
+    package = tf.keras.Model.__module__.split(".")[0]
     try:
-        from keras.src.saving.serialization_lib import SafeModeScope
+        module = importlib.import_module(f"{package}.src.saving.serialization_lib")
     except ImportError:  # pragma: no cover - other Keras 2 layouts
         return contextlib.nullcontext()
-    return SafeModeScope(False)
+    return module.SafeModeScope(False)
 
 
 def _layer_configs(config: dict) -> List[dict]:

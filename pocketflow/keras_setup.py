@@ -1,0 +1,16 @@
+"""Pick one Keras for the whole process, before anything touches ``tf.keras``.
+
+tensorflow-model-optimization sets TF_USE_LEGACY_KERAS=1 when it is imported, and every
+``tf.keras`` lazy loader resolves its Keras package (``keras`` or ``tf_keras``) the first time
+it is touched. A process that touches ``tf.keras`` before importing TFMOT therefore ends up
+with both packages, and loading a saved model can then loop forever inside Keras. Importing
+TFMOT here first makes every loader agree on tf_keras (Keras 2.15), which TFMOT's
+quantization and pruning need; files saved this way load in a plain ``tf.keras`` process.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow  # noqa: E402,F401
+import tensorflow_model_optimization  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 on import)
