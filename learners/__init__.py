@@ -3,5 +3,7 @@
 from learners.base import LEARNERS, Learner, LearnerContext, register_learner
 from learners import full_precision  # noqa: F401  (registers full-prec)
 from learners.channel_pruning import learner as channel_learner  # noqa: F401  (registers channel)
+from learners.uniform_quantization import learner as uniform_learner  # noqa: F401  (registers uniform)
+from learners.weight_sparsification import learner as weight_sparse_learner  # noqa: F401  (registers weight-sparse)
 
 __all__ = ["LEARNERS", "Learner", "LearnerContext", "register_learner"]

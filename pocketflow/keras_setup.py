@@ -6,11 +6,18 @@ it is touched. A process that touches ``tf.keras`` before importing TFMOT theref
 with both packages, and loading a saved model can then loop forever inside Keras. Importing
 TFMOT here first makes every loader agree on tf_keras (Keras 2.15), which TFMOT's
 quantization and pruning need; files saved this way load in a plain ``tf.keras`` process.
+Import ``pocketflow`` before touching ``tf.keras`` in your own scripts.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "tensorflow" not in sys.modules:
+    # TensorFlow reads the variable once, at import, for its module paths; a child process
+    # inherits it set to 1 from a parent that imported TFMOT. Start from TensorFlow's default
+    # so every process ends in the same state, whoever launched it.
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
 
 import tensorflow  # noqa: E402,F401
 import tensorflow_model_optimization  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 on import)

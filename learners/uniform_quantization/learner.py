@@ -1,0 +1,180 @@
+"""uniform: 8-bit uniform quantization that ships as a full-integer int8 TFLite file.
+
+Two methods, both measured on every run so the report shows what training bought:
+post-training quantization (PTQ: the float model converted with a representative set, no
+training) and quantization-aware training (QAT: TFMOT fake-quantizers, fine-tuned with the
+shared training loop, converted with the ranges they learned). The shipped artifact is the
+int8 TFLite file of the method chosen (QAT unless ``method: ptq`` or ``qat_epochs: 0``);
+``finalize`` returns the plain float Keras model holding the QAT-trained weights.
+
+Targets: ``--target-bits 8`` (or more) and ``--target-compression`` up to what int8 reaches.
+Fewer than 8 bits needs the mixed-precision path, which this learner does not have yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional
+
+import tensorflow as tf
+
+from learners.base import Learner, register_learner
+from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
+from pocketflow.errors import ConfigError
+from pocketflow.export import TFLiteMeasurement, TFLiteModel, export_and_measure, tflite_accuracy
+from pocketflow.metrics import count_params
+from pocketflow.training import from_trained, train
+
+log = logging.getLogger(__name__)
+
+INT8_BITS = 8.0
+
+
+@dataclass(frozen=True)
+class UniformConfig:
+    """Hyperparameters of uniform quantization."""
+
+    method: Literal["qat", "ptq"] = "qat"  # ptq: no training, convert the float model with calibration
+    # QAT fine-tuning epochs; None: the run's fine-tuning epochs (--finetune-epochs); 0 means ptq.
+    qat_epochs: Optional[float] = None
+    representative_samples: int = 200  # training images that calibrate ranges for the int8 converter
+    compare_dynamic: bool = True  # also export and time the dynamic-range TFLite, for the report
+    threads: int = 1  # interpreter threads for the latency measurements
+    latency_runs: int = 50
+
+    def __post_init__(self) -> None:
+        if self.qat_epochs is not None and self.qat_epochs < 0:
+            raise ConfigError(f"uniform.qat_epochs = {self.qat_epochs} is out of range: it must be >= 0")
+        if self.representative_samples < 1:
+            raise ConfigError(f"uniform.representative_samples = {self.representative_samples} is out of "
+                              f"range: it must be >= 1")
+        if self.threads < 1 or self.latency_runs < 1:
+            raise ConfigError("uniform.threads and uniform.latency_runs must be >= 1")
+
+    @property
+    def trains(self) -> bool:
+        return self.method == "qat" and self.qat_epochs != 0
+
+
+@register_learner
+class UniformQuantizationLearner(Learner):
+    name = "uniform"
+    Config = UniformConfig
+    targets = ("bits", "compression")
+
+    def __init__(self, options: UniformConfig, context) -> None:
+        super().__init__(options, context)
+        self._baseline: Optional[tf.keras.Model] = None
+        self._qat_model: Optional[tf.keras.Model] = None
+        self._left_float: List[str] = []
+        self._trained_epochs = 0.0
+
+    # ------------------------------------------------------------------ search
+    def max_trials(self) -> Optional[int]:
+        return 1  # int8 has one candidate; the search only checks it against the target
+
+    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
+        self._baseline = baseline
+        return {"bits": INT8_BITS, "compression": self._estimated_compression(baseline)}
+
+    def _estimated_compression(self, model: tf.keras.Model) -> float:
+        """Float TFLite bytes / estimated int8 bytes: kernels 1 byte per weight, the rest unchanged."""
+        float_bytes = self.context.baseline_tflite_bytes
+        if not float_bytes:
+            return 4.0
+        kernels = sum(int(w.shape.num_elements()) for w in model.weights if "kernel" in w.name)
+        return float_bytes / max(1.0, float_bytes - 3.0 * kernels)
+
+    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
+        source = self._baseline if self._baseline is not None else model
+        return {"bits": INT8_BITS, "compression": self._estimated_compression(source),
+                "params": float(count_params(source))}
+
+    # ------------------------------------------------------------------ compress and train
+    def compress(self, model: tf.keras.Model, hparams: UniformConfig) -> tf.keras.Model:
+        self._baseline = model
+        if not hparams.trains:
+            self._qat_model = None
+            self._left_float = []
+            return model
+        self._qat_model, self._left_float = quantize_aware(model)
+        samples = self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
+        calibrate(self._qat_model, model, samples)
+        self._trained_epochs = 0.0
+        return self._qat_model
+
+    def finetune(self, model: tf.keras.Model, epochs: float,
+                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+        if self._qat_model is None or model is not self._qat_model:
+            return model  # PTQ: nothing to train
+        epochs = self.options.qat_epochs if self.options.qat_epochs is not None else epochs
+        schedule = from_trained(self.context.schedule.with_epochs(epochs))
+        train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
+              description="QAT fine-tune")
+        self._trained_epochs = epochs
+        return model
+
+    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
+        if self._qat_model is None or model is not self._qat_model:
+            return model
+        return copy_back(self._qat_model, self._baseline)
+
+    # ------------------------------------------------------------------ ship and report
+    def _export(self, model: tf.keras.Model, path: Path, mode: str) -> TFLiteMeasurement:
+        dataset = self.context.dataset
+        images, labels = dataset.test_arrays()
+        representative = dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
+        return export_and_measure(model, path, mode, test_images=images, test_labels=labels,
+                                  representative=representative, threads=self.options.threads,
+                                  runs=self.options.latency_runs)
+
+    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+        baseline = self._baseline if self._baseline is not None else model
+        ptq = self._export(baseline, directory / "ptq_int8.tflite", "int8")
+        fields: Dict[str, Any] = {
+            "ptq_int8_accuracy": ptq.accuracy, "ptq_int8_latency_ms": ptq.latency_ms,
+            "ptq_int8_bytes": ptq.bytes, "ptq_int8_path": ptq.path,
+        }
+        if self.options.compare_dynamic:
+            dynamic = self._export(model, directory / "model_dynamic_compare.tflite", "dynamic")
+            fields.update(dynamic_tflite_accuracy=dynamic.accuracy, dynamic_tflite_latency_ms=dynamic.latency_ms,
+                          dynamic_tflite_bytes=dynamic.bytes)
+        if self._qat_model is not None:
+            shipped = self._export(self._qat_model, directory / "model_int8.tflite", "int8")
+            fields.update(qat_int8_accuracy=shipped.accuracy, qat_epochs=self._trained_epochs,
+                          method="qat", layers_left_float=list(self._left_float))
+            if self._trained_epochs == 0:
+                log.warning("QAT ran for 0 epochs (pass --finetune-epochs or uniform.qat_epochs); "
+                            "the int8 file uses untrained quantizer ranges")
+        else:
+            shipped = ptq
+            fields.update(method="ptq", layers_left_float=[])
+        if self._qat_model is not None and hasattr(self.context.dataset, "validation_arrays"):
+            # QAT must beat or match post-training int8; the choice is made on the validation split
+            # (never the test split), and the losing file stays in the run directory for comparison.
+            qat_validation, ptq_validation = self._validation_accuracy(shipped), self._validation_accuracy(ptq)
+            fields.update(qat_int8_validation_accuracy=qat_validation, ptq_int8_validation_accuracy=ptq_validation)
+            if ptq_validation > qat_validation:
+                log.warning("QAT int8 validation accuracy %.4f is below post-training int8 %.4f; shipping the "
+                            "post-training file", qat_validation, ptq_validation)
+                shipped = ptq
+        fields["shipped_method"] = "qat" if shipped.path.endswith("model_int8.tflite") else "ptq"
+        fields.update(
+            artifact_path=shipped.path, artifact_bytes=shipped.bytes, shipped_format="int8 TFLite",
+            tflite_path=shipped.path, tflite_accuracy=shipped.accuracy, tflite_latency_ms=shipped.latency_ms,
+            int8_tensors=tensor_dtypes(shipped.path), bits=INT8_BITS,
+        )
+        log.info("shipped int8 TFLite (%s): accuracy %.4f, %.1f KB; post-training int8 %.4f",
+                 fields["shipped_method"], shipped.accuracy, shipped.bytes / 1024, ptq.accuracy)
+        return fields
+
+    def _validation_accuracy(self, measured: TFLiteMeasurement) -> float:
+        images, labels = self.context.dataset.validation_arrays()
+        return tflite_accuracy(TFLiteModel(measured.path, threads=self.options.threads), images, labels)
+
+    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+        return {"method": "qat" if self._qat_model is not None else "ptq",
+                "layers_left_float": list(self._left_float) if self._qat_model is not None
+                else float_layers(model)}

@@ -1,0 +1,401 @@
+"""weight-sparse: magnitude pruning of individual weights, sparsity allocated per layer by the
+search, shipped in a file that is really smaller.
+
+The optimizer proposes a relative density per prunable kernel (and which end layers to keep
+dense); the densities are scaled together (bisection on a common factor, then exact integer
+rounding) so the total number of zeros meets ``--target-sparsity`` exactly, or the predicted
+shipped file meets ``--target-compression`` (checked on the real file). A candidate is the
+baseline with one-shot magnitude masks, a short recovery with the masks fixed and BatchNorm
+statistics re-estimated; the search scores it on the validation split. The winner is then trained again from the dense baseline
+with gradual pruning (Zhu & Gupta's cubic schedule) and shipped as sparse TFLite or our
+sparse container, whichever is smaller (``format``). Masks are our own (no TFMOT wrappers),
+so any functional model works, Reshape/Permute glue included.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from learners.base import Learner, register_learner
+from learners.weight_sparsification import artifact
+from learners.weight_sparsification.artifact import SizeModel, ceil_zeros, solve_zeros
+from learners.weight_sparsification.masks import (
+    PATTERNS, MaskSet, PrunableWeight, allocate, compute_masks, density_bounds, prunable_weights, save_masks,
+    variables_by_key,
+)
+from learners.weight_sparsification.schedule import (
+    FixedMasks, GradualPruning, recalibrate_batchnorm, training_steps,
+)
+from pocketflow.config import TargetConfig
+from pocketflow.errors import ConfigError
+from pocketflow.training import from_trained, train
+
+log = logging.getLogger(__name__)
+
+PROTECT_CHOICES = ("none", "first", "last", "both")
+SIZE_MARGIN = 0.005  # solve compression targets for 0.5% below the byte budget
+MIN_PROPOSED_DENSITY = 0.05
+VERIFY_ATTEMPTS = 4
+YAML_2_4 = 2 * 60 + 4  # YAML 1.1 reads an unquoted 2:4 as a base-60 integer
+
+
+@dataclass(frozen=True)
+class WeightSparseConfig:
+    """Hyperparameters of weight sparsification. 'search' lets the optimizer choose."""
+
+    mode: Literal["searched", "uniform"] = "searched"  # uniform: every pruned tensor at one sparsity
+    # 2:4: every group of 4 consecutive input-channel weights has >= 2 zeros (exactly 2 at 50%).
+    # (An unquoted 2:4 in YAML reads as the base-60 number 124; it is accepted as "2:4".)
+    pattern: Union[Literal["unstructured", "2:4"], int] = "unstructured"
+    bits: Optional[int] = None  # 8: ship int8 values (sparse TFLite int8 / int8 container); None: float32
+    int8_mode: Literal["dynamic", "full"] = "dynamic"  # with bits=8: dynamic-range or full-integer TFLite
+    format: Literal["auto", "tflite", "container"] = "auto"  # what ships; auto: the smaller file
+    protect: Literal["none", "first", "last", "both", "search"] = "search"  # end layers kept dense
+    max_layer_sparsity: float = 0.98  # no tensor loses more than this fraction
+    recovery_epochs: float = 0.25  # training (masks fixed) of every candidate before it is scored
+    # Batches whose mean statistics replace BatchNorm's moving averages after pruning (candidates
+    # and the final model): without it a one-shot candidate is scored with stale statistics.
+    calibration_batches: int = 20
+    finetune: Literal["gradual", "oneshot"] = "gradual"  # the winner: gradual pruning from the baseline
+    # Fine-tuning learning rate as a fraction of the net's from-scratch rate (0.1: as other learners).
+    finetune_learning_rate: float = 0.1
+    begin: float = 0.0  # gradual pruning starts at this fraction of the fine-tuning steps ...
+    end: float = 0.5  # ... reaches the final sparsity here, then trains with fixed masks
+    frequency: int = 10  # optimizer steps between mask updates
+    power: float = 3.0  # exponent of the polynomial schedule (3: Zhu & Gupta)
+
+    def __post_init__(self) -> None:
+        if self.pattern == YAML_2_4:
+            object.__setattr__(self, "pattern", "2:4")
+        if self.pattern not in PATTERNS:
+            raise ConfigError(f"weight-sparse.pattern = {self.pattern!r} is not allowed; choose one of: "
+                              f"{', '.join(PATTERNS)} (quote it in YAML: '2:4')")
+        if self.bits is not None and self.bits != 8:
+            raise ConfigError(f"weight-sparse.bits = {self.bits} is out of range: it must be 8 or null "
+                              f"(lower bit widths are the quantization learners' job)")
+        if not 0.0 < self.max_layer_sparsity < 1.0:
+            raise ConfigError(f"weight-sparse.max_layer_sparsity = {self.max_layer_sparsity} is out of range: "
+                              f"it must be in (0, 1)")
+        if self.recovery_epochs < 0:
+            raise ConfigError(f"weight-sparse.recovery_epochs = {self.recovery_epochs} is out of range: "
+                              f"it must be >= 0")
+        if not 0.0 <= self.begin <= self.end <= 1.0:
+            raise ConfigError(f"weight-sparse.begin = {self.begin}, end = {self.end} are out of range: they "
+                              f"must satisfy 0 <= begin <= end <= 1 (fractions of the fine-tuning steps)")
+        if self.calibration_batches < 0:
+            raise ConfigError(f"weight-sparse.calibration_batches = {self.calibration_batches} is out of range: "
+                              f"it must be >= 0")
+        if not 0.0 < self.finetune_learning_rate <= 10.0:
+            raise ConfigError(f"weight-sparse.finetune_learning_rate = {self.finetune_learning_rate} is out of "
+                              f"range: it must be in (0, 10] (a fraction of the net's learning rate)")
+        if self.frequency < 1:
+            raise ConfigError(f"weight-sparse.frequency = {self.frequency} is out of range: it must be >= 1")
+        if self.power <= 0:
+            raise ConfigError(f"weight-sparse.power = {self.power} is out of range: it must be > 0")
+
+
+@dataclass(frozen=True)
+class SparseHyperparameters:
+    protect: str  # none | first | last | both
+    densities: Mapping[str, float]  # proposed relative densities (the allocation's shape)
+    zeros: Mapping[str, int]  # zeros per tensor after projection onto the target
+
+
+@dataclass
+class _Candidate:
+    zeros: Dict[str, int]
+    shipped_bytes: Optional[int] = None
+
+
+@register_learner
+class WeightSparseLearner(Learner):
+    name = "weight-sparse"
+    Config = WeightSparseConfig
+    targets = ("sparsity", "compression")
+
+    def __init__(self, options: WeightSparseConfig, context) -> None:
+        super().__init__(options, context)
+        self._baseline: Optional[tf.keras.Model] = None
+        self._weights: List[PrunableWeight] = []
+        self._sizes: Optional[SizeModel] = None
+        self._work: Optional[tf.keras.Model] = None  # the one working copy every candidate lives in
+        self._masks: Optional[MaskSet] = None
+        self._current: Optional[_Candidate] = None
+        self._solved: Dict[Tuple, Dict[str, int]] = {}
+        self._baseline_bytes: Optional[int] = None
+
+    @classmethod
+    def check_target(cls, target: TargetConfig) -> None:
+        super().check_target(target)
+        if not target.requested():
+            raise ConfigError("learner 'weight-sparse' needs a target: pass --target-sparsity S (e.g. 0.8) or "
+                              "--target-compression R (e.g. 4)")
+
+    # ------------------------------------------------------------------ analysis
+    def prepare(self, baseline: tf.keras.Model) -> List[PrunableWeight]:
+        if self._baseline is not baseline:
+            self._baseline = baseline
+            self._weights = prunable_weights(baseline)
+            if not self._weights:
+                raise ConfigError("the model has no prunable weights (Conv/Dense kernels); weight-sparse has "
+                                  "nothing to do")
+            self._sizes = SizeModel(self._weights, self.options.bits, self.options.int8_mode)
+            # One clone per run: candidates reuse it (baseline weights, new masks), so Keras does
+            # not rebuild the graph and retrace its predict function for every trial.
+            self._work = tf.keras.models.clone_model(baseline)
+            self._work.set_weights(baseline.get_weights())
+            self._masks = MaskSet(variables_by_key(self._work, self._weights),
+                                  {w.key: np.ones(w.shape, bool) for w in self._weights})
+            self._current = None
+            self._solved.clear()
+            log.info("weight-sparse: %d prunable kernels, %s weights", len(self._weights),
+                     f"{self.total:,}")
+        return self._weights
+
+    @property
+    def total(self) -> int:
+        return sum(w.size for w in self._weights)
+
+    def _protected(self, protect: str) -> Tuple[str, ...]:
+        keys = [w.key for w in self._weights]
+        chosen = {"none": [], "first": keys[:1], "last": keys[-1:], "both": keys[:1] + keys[-1:]}[protect]
+        return tuple(dict.fromkeys(chosen))
+
+    def _bounds(self, protect: str) -> Tuple[int, int]:
+        """(fewest, most) total zeros reachable with this protection."""
+        protected = self._protected(protect)
+        pairs = [density_bounds(w, self.options.pattern, self.options.max_layer_sparsity, w.key in protected)
+                 for w in self._weights]
+        return (sum(w.size - most for w, (_, most) in zip(self._weights, pairs)),
+                sum(w.size - fewest for w, (fewest, _) in zip(self._weights, pairs)))
+
+    def _searchable(self) -> List[str]:
+        fixed = self._protected(self.options.protect) if self.options.protect != "search" else ()
+        return [w.key for w in self._weights if w.key not in fixed and
+                not (self.options.pattern == "2:4" and not w.groupable)]
+
+    # ------------------------------------------------------------------ targets
+    def _target_bytes(self) -> Optional[float]:
+        ratio = self.context.target.compression
+        if ratio is None:
+            return None
+        if self._baseline_bytes is None:
+            self._baseline_bytes = self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes)
+        if not self._baseline_bytes:
+            raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass "
+                              "--export none with this target")
+        return self._baseline_bytes / ratio
+
+    def _kinds(self) -> Tuple[str, ...]:
+        return {"auto": ("tflite", "container"), "tflite": ("tflite",), "container": ("container",)}[
+            self.options.format]
+
+    def _allocation(self, densities: Mapping[str, float], protect: str, zeros: int) -> Dict[str, int]:
+        return allocate(self._weights, densities, zeros, pattern=self.options.pattern,
+                        max_sparsity=self.options.max_layer_sparsity, protected=self._protected(protect))
+
+    def solve(self, densities: Mapping[str, float], protect: str) -> Dict[str, int]:
+        """Zeros per tensor for the proposal: the fewest that meet every requested target."""
+        fewest, most = self._bounds(protect)
+        needed = fewest
+        if self.context.target.sparsity is not None:
+            needed = max(needed, ceil_zeros(self.context.target.sparsity, self.total))
+        limit = self._target_bytes()
+        if limit is not None:
+            budget = limit * (1.0 - SIZE_MARGIN)
+
+            def predicted(zeros: int) -> float:
+                allocation = self._allocation(densities, protect, zeros)
+                return min(self._sizes.predict(kind, allocation) for kind in self._kinds())
+
+            solved = solve_zeros(predicted, budget, needed, most)
+            needed = most if solved is None else solved
+        return self._allocation(densities, protect, min(needed, most))
+
+    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
+        self.prepare(baseline)
+        protect = "none" if self.options.protect == "search" else self.options.protect
+        _, most = self._bounds(protect)
+        reached = {"sparsity": most / self.total}
+        if self.context.target.compression is not None:
+            limit = self._target_bytes()
+            zeros = self._allocation({}, protect, most)
+            candidate = self._masked_copy(baseline, zeros)
+            shipped = self._measure_size(candidate, zeros)
+            reached["compression"] = self._baseline_bytes / shipped
+            log.info("weight-sparse: at most %.3f sparsity and %.2fx compression (%s bytes, target %s)",
+                     reached["sparsity"], reached["compression"], f"{shipped:,}", f"{int(limit):,}")
+        return reached
+
+    # ------------------------------------------------------------------ search space
+    def search_space(self, trial: Any) -> SparseHyperparameters:
+        if self._baseline is None:
+            raise RuntimeError("prepare(baseline) (or reachable) must run before search_space")
+        protect = self.options.protect
+        if protect == "search":
+            protect = trial.suggest_categorical("protect", list(PROTECT_CHOICES))
+        if self.options.mode == "uniform":
+            densities = {key: 1.0 for key in self._searchable()}
+        else:
+            densities = {key: trial.suggest_float(f"density_{key}", MIN_PROPOSED_DENSITY, 1.0)
+                         for key in self._searchable()}
+        zeros = self._solved.get(self._signature(densities, protect)) or self.solve(densities, protect)
+        return SparseHyperparameters(protect=protect, densities=densities, zeros=zeros)
+
+    def reference_params(self) -> Dict[str, Any]:
+        """Uniform densities with both end layers dense: the classic recipe the search must beat."""
+        params: Dict[str, Any] = {}
+        if self.options.mode != "uniform":
+            params.update({f"density_{key}": 0.5 for key in self._searchable()})
+        if self.options.protect == "search":
+            params["protect"] = "both"
+        return params
+
+    def max_trials(self) -> Optional[int]:
+        if self.options.mode == "uniform":
+            return len(PROTECT_CHOICES) if self.options.protect == "search" else 1
+        return None
+
+    @staticmethod
+    def _signature(densities: Mapping[str, float], protect: str) -> Tuple:
+        return (protect,) + tuple(sorted(densities.items()))
+
+    # ------------------------------------------------------------------ candidates
+    def _masked_copy(self, model: tf.keras.Model, zeros: Mapping[str, int]) -> tf.keras.Model:
+        """The working copy with ``model``'s weights and magnitude masks for ``zeros`` applied.
+        A candidate is valid until the next call (the runner fine-tunes the last one built)."""
+        self.prepare(model)
+        self._work.set_weights(model.get_weights())
+        self._masks.update(compute_masks(self._masks.variables, self._weights, zeros, self.options.pattern))
+        self._masks.apply()
+        self._current = _Candidate(dict(zeros))
+        return self._work
+
+    def _state(self, model: tf.keras.Model) -> Optional[_Candidate]:
+        return self._current if model is self._work else None
+
+    def _quantized_names(self, model: tf.keras.Model) -> List[str]:
+        return [v.name for v in variables_by_key(model, self._weights).values()]
+
+    def _representative(self) -> Optional[np.ndarray]:
+        if self.options.bits == 8 and self.options.int8_mode == "full":
+            return self.context.dataset.sample_train(200, seed=self.context.seed)
+        return None
+
+    def _file_sizes(self, model: tf.keras.Model) -> Dict[str, int]:
+        sizes = {}
+        if "container" in self._kinds():
+            sizes["container"] = len(artifact.container_bytes(model, self._quantized_names(model), self.options.bits))
+        if "tflite" in self._kinds():
+            sizes["tflite"] = len(artifact.sparse_tflite(model, self.options.bits, self.options.int8_mode,
+                                                         self._representative()))
+        return sizes
+
+    def _measure_size(self, model: tf.keras.Model, zeros: Mapping[str, int]) -> int:
+        """Bytes of the file that would ship (the smaller allowed format); calibrates the size model."""
+        sizes = self._file_sizes(model)
+        for kind, size in sizes.items():
+            self._sizes.observe(kind, zeros, size)
+        return min(sizes.values())
+
+    def compress(self, model: tf.keras.Model, hparams: SparseHyperparameters) -> tf.keras.Model:
+        zeros = dict(hparams.zeros)
+        candidate = self._masked_copy(model, zeros)
+        limit = self._target_bytes()
+        if limit is not None:
+            signature = self._signature(hparams.densities, hparams.protect)
+            for attempt in range(VERIFY_ATTEMPTS):
+                shipped = self._measure_size(candidate, zeros)
+                if shipped <= limit or attempt == VERIFY_ATTEMPTS - 1:
+                    break
+                log.debug("candidate file %d bytes > %d; recalibrated, solving again", shipped, limit)
+                zeros = self.solve(hparams.densities, hparams.protect)
+                candidate = self._masked_copy(model, zeros)
+            self._current.shipped_bytes = shipped
+            self._solved[signature] = zeros
+        if self.options.recovery_epochs > 0:
+            recovery = from_trained(self.context.schedule.with_epochs(self.options.recovery_epochs))
+            hook = FixedMasks(self._masks)
+            train(candidate, self.context.dataset, recovery, distributed=self.context.distributed,
+                  seed=self.context.seed, after_step=hook, description="recovery")
+            hook.finish()
+        self._recalibrate(candidate)
+        return candidate
+
+    def _recalibrate(self, model: tf.keras.Model) -> None:
+        recalibrate_batchnorm(model, self.context.dataset, self.options.calibration_batches,
+                              self.context.schedule.batch_size, seed=self.context.seed)
+
+    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
+        zeros = sum(int(np.sum(v.numpy() == 0)) for v in variables_by_key(model, self._weights).values())
+        metrics = {"sparsity": zeros / self.total}
+        if self.context.target.compression is not None:
+            state = self._state(model)
+            shipped = state.shipped_bytes if state and state.shipped_bytes else \
+                self._measure_size(model, self._zeros_of(model))
+            metrics["compression"] = self._baseline_bytes / shipped
+        return metrics
+
+    def _zeros_of(self, model: tf.keras.Model) -> Dict[str, int]:
+        return {key: int(np.sum(v.numpy() == 0)) for key, v in variables_by_key(model, self._weights).items()}
+
+    # ------------------------------------------------------------------ the winner
+    def finetune(self, model: tf.keras.Model, epochs: float,
+                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+        state = self._state(model)
+        if state is None:
+            raise RuntimeError("finetune() takes the model the last compress() returned")
+        schedule = replace(self.context.schedule, epochs=epochs,
+                           learning_rate=self.context.schedule.learning_rate * self.options.finetune_learning_rate)
+        if self.options.finetune == "gradual":
+            model.set_weights(self._baseline.get_weights())  # start again from the dense baseline
+            self._masks.update({w.key: np.ones(w.shape, bool) for w in self._weights})
+            steps = training_steps(self.context.dataset, schedule, self.context.distributed.size)
+            hook = GradualPruning(self._masks, self._weights, state.zeros, pattern=self.options.pattern,
+                                  total_steps=steps, begin=self.options.begin, end=self.options.end,
+                                  frequency=self.options.frequency, power=self.options.power)
+            description = "gradual pruning"
+            log.info("gradual pruning over %d steps: masks from step %d to %d, every %d steps", steps,
+                     hook.begin_step, hook.end_step, hook.frequency)
+        else:
+            hook = FixedMasks(self._masks)
+            description = "fine-tune"
+        train(model, self.context.dataset, schedule, distributed=self.context.distributed,
+              seed=self.context.seed, after_step=hook, description=description)
+        hook.finish()
+        self._recalibrate(model)
+        return model
+
+    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
+        if self._state(model) is not None:
+            self._masks.apply()
+        return model
+
+    def masks_of(self, model: tf.keras.Model) -> Dict[str, np.ndarray]:
+        if self._state(model) is not None:
+            return self._masks.numpy()
+        return {key: v.numpy() != 0 for key, v in variables_by_key(model, self._weights).items()}
+
+    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+        if not self._weights:
+            return {}
+        zeros = self._zeros_of(model)
+        return {"sparsity": sum(zeros.values()) / self.total, "pattern": self.options.pattern,
+                "prunable_weights": self.total,
+                "layer_sparsity": {w.key: round(zeros[w.key] / w.size, 4) for w in self._weights}}
+
+    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+        """masks.npz, then both sparse files, each measured on the test split; the smaller allowed one ships."""
+        masks_path = Path(directory) / "masks.npz"
+        save_masks(masks_path, self.masks_of(model))
+        fields = artifact.write_sparse_files(
+            model, Path(directory), self.context.dataset, bits=self.options.bits, int8_mode=self.options.int8_mode,
+            quantize=self._quantized_names(model), representative=self._representative(), kinds=self._kinds())
+        fields["masks_path"] = str(masks_path)
+        return fields

@@ -1,0 +1,159 @@
+"""uniform: QAT model building (unsupported layers stay float), calibration, weights copied back into a
+plain Keras model, the PTQ path of the learner, targets, and the default int8 job end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from learners.base import LEARNERS, LearnerContext
+from learners.uniform_quantization.learner import UniformConfig, UniformQuantizationLearner
+from learners.uniform_quantization.qat import (calibrate, copy_back, float_layers, quantize_aware,
+                                               tensor_dtypes)
+from pocketflow.config import DataConfig, TargetConfig
+from pocketflow.data import load_dataset
+from pocketflow.distributed import SingleProcess
+from pocketflow.errors import ConfigError
+from pocketflow.export import convert
+from pocketflow.training import TrainSchedule
+from tests.conftest import ROOT
+
+L = tf.keras.layers
+
+
+def small_model(with_custom: bool = False) -> tf.keras.Model:
+    """Conv-BN-ReLU, a residual add, padding/reshape glue (like the shared ResNets) and a Dense head."""
+    inputs = tf.keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(name="stem_relu")(x)
+    y = L.ZeroPadding2D(1, name="pad")(x)
+    y = L.Conv2D(8, 3, name="conv")(y)
+    y = L.BatchNormalization(name="conv_bn")(y)
+    x = L.ReLU(name="add_relu")(L.Add(name="add")([x, y]))
+    x = L.Reshape((64, 8), name="flat")(x)
+    x = L.Permute((2, 1), name="perm")(x)
+    if with_custom:
+        x = L.Lambda(lambda t: t * 2.0, name="double")(x)
+    x = L.Reshape((8, 8, 8), name="unflat")(L.Permute((2, 1), name="perm_back")(x))
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, L.Dense(4, name="head")(x))
+
+
+def test_registered_with_its_targets():
+    assert LEARNERS.get("uniform") is UniformQuantizationLearner
+    UniformQuantizationLearner.check_target(TargetConfig(bits=8))
+    with pytest.raises(ConfigError, match="--target-bits"):
+        UniformQuantizationLearner.check_target(TargetConfig(speedup=2.0))
+
+
+def test_bad_options():
+    with pytest.raises(ConfigError, match="qat_epochs"):
+        UniformConfig(qat_epochs=-1)
+    with pytest.raises(ConfigError, match="representative_samples"):
+        UniformConfig(representative_samples=0)
+    assert not UniformConfig(qat_epochs=0).trains and not UniformConfig(method="ptq").trains
+
+
+def test_unsupported_layers_stay_float_and_are_listed(rng):
+    model = small_model(with_custom=True)
+    qat_model, left_float = quantize_aware(model)
+    assert left_float == ["double (Lambda)"] == float_layers(model)
+    images = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    assert qat_model(images).shape == (16, 4)
+    assert any(type(layer).__name__ == "QuantizeWrapperV2" for layer in qat_model.layers)
+
+
+def test_calibration_and_copy_back_give_a_plain_keras_model(rng, tmp_path):
+    model = small_model()
+    images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    qat_model, left_float = quantize_aware(model)
+    assert left_float == []
+    assert calibrate(qat_model, model, images) > 0
+    ranges = {w.name: float(w.numpy()) for w in qat_model.weights if w.name.endswith(("_min:0", "_max:0"))
+              and "kernel" not in w.name}
+    assert all(value != pytest.approx(6.0) and value != pytest.approx(-6.0) for value in ranges.values())
+    # calibrated fake quantization stays close to the float model
+    np.testing.assert_allclose(qat_model(images).numpy(), model(images).numpy(), atol=0.1 * np.abs(model(images)).max())
+    for weight in qat_model.trainable_weights:  # stand-in for training
+        weight.assign_add(tf.fill(weight.shape, 0.01))
+    plain = copy_back(qat_model, model)
+    assert not any("Quantize" in type(layer).__name__ for layer in plain.layers)
+    stem = qat_model.get_layer("quant_stem").weights[0]
+    np.testing.assert_array_equal(plain.get_layer("stem").kernel.numpy(), stem.numpy())
+    path = tmp_path / "plain.keras"
+    plain.save(path)
+    reloaded = tf.keras.models.load_model(path, compile=False)
+    np.testing.assert_allclose(reloaded(images).numpy(), plain(images).numpy(), atol=1e-5)
+
+
+def test_qat_model_converts_to_full_integer(rng, tmp_path):
+    model = small_model()
+    images = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    qat_model, _ = quantize_aware(model)
+    calibrate(qat_model, model, images)
+    path = tmp_path / "int8.tflite"
+    path.write_bytes(convert(qat_model, "int8", images))
+    dtypes = tensor_dtypes(path)
+    assert set(dtypes["activations"]) == {"int8"}
+    assert "int8" in dtypes["weights"] and "float32" not in dtypes["weights"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(name="digits"), seed=0)
+
+
+def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
+    inputs = tf.keras.Input(digits.input_shape)
+    x = L.ReLU()(L.Conv2D(8, 3, padding="same")(inputs))
+    model = tf.keras.Model(inputs, L.Dense(digits.num_classes)(L.GlobalAveragePooling2D()(x)))
+    schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    context = LearnerContext(dataset=digits, schedule=schedule, target=TargetConfig(bits=8),
+                             distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")))
+    learner = UniformQuantizationLearner(UniformConfig(method="ptq", compare_dynamic=False, latency_runs=5), context)
+    assert learner.max_trials() == 1
+    assert learner.reachable(model)["bits"] == 8.0
+    candidate = learner.compress(model, learner.options)
+    assert candidate is model and learner.finetune(candidate, 1.0) is model and learner.finalize(model) is model
+    fields = learner.write_artifacts(model, tmp_path)
+    assert fields["method"] == "ptq" and fields["shipped_format"] == "int8 TFLite"
+    assert fields["artifact_path"] == fields["ptq_int8_path"]
+    assert fields["artifact_bytes"] == (tmp_path / "ptq_int8.tflite").stat().st_size
+
+
+def test_below_eight_bits_is_reported_unreachable(digits):
+    model = small_model()
+    context = LearnerContext(dataset=digits, schedule=TrainSchedule(1, 32, 0.05, "cosine", "sgd", 0, False),
+                             target=TargetConfig(bits=4), distributed=SingleProcess())
+    learner = UniformQuantizationLearner(UniformConfig(), context)
+    assert learner.reachable(model)["bits"] > 4
+
+
+@pytest.mark.integration
+def test_default_int8_job(tmp_path):
+    """The acceptance: int8 weights and activations in the shipped file, within 1 point of float."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "main.py"), "--learner=uniform", "--target-bits", "8",
+               "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    baseline, best = report["baseline"], report["best"]
+    assert best["shipped_format"] == "int8 TFLite" and best["method"] == "qat"
+    shipped_file = {"qat": "model_int8.tflite", "ptq": "ptq_int8.tflite"}[best["shipped_method"]]
+    assert best["artifact_path"].endswith(shipped_file)  # the better on validation (ties: QAT)
+    dtypes = tensor_dtypes(best["artifact_path"])
+    assert set(dtypes["activations"]) == {"int8"}
+    assert dtypes["weights"].get("int8", 0) > 0 and "float32" not in dtypes["weights"]
+    assert best["tflite_accuracy"] >= baseline["tflite_accuracy"] - 0.01
+    assert best["qat_int8_accuracy"] >= best["ptq_int8_accuracy"] - 0.01
+    assert best["compression"] == pytest.approx(baseline["bytes"] / best["artifact_bytes"])
+    assert best["compression"] > 3.0
+    model = tf.keras.models.load_model(best["model_path"], compile=False)  # no custom objects
+    assert not any("Quantize" in type(layer).__name__ for layer in model.layers)
