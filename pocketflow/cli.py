@@ -35,6 +35,8 @@ FLAG_KEYS: Dict[str, str] = {
     "sampler": "hpo.sampler",
     "storage": "hpo.storage",
     "study_name": "hpo.study_name",
+    "sparsity_pattern": "weight-sparse.pattern",
+    "bits": "weight-sparse.bits",
     "export": "export.tflite",
     "quantize_export": "export.quantize",
     "threads": "export.threads",
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-compression", type=float, help="float TFLite bytes / shipped bytes, e.g. 8")
     target.add_argument("--target-sparsity", type=float, help="fraction of prunable weights that are zero")
     target.add_argument("--target-bits", type=float, help="parameter-weighted average weight bits")
+
+    sparse = parser.add_argument_group("weight-sparse learner")
+    sparse.add_argument("--sparsity-pattern", choices=["unstructured", "2:4"],
+                        help="unstructured zeros, or 2:4 (two zeros in every 4 input-channel weights)")
+    sparse.add_argument("--bits", type=int, choices=[8], help="ship sparse int8 instead of sparse float32")
 
     search = parser.add_argument_group("search (Optuna)")
     search.add_argument("--trials", type=int, help="trials in the study (total, shared by all searchers; "
