@@ -41,7 +41,7 @@ def trained():
     tf.keras.utils.set_random_seed(0)
     dataset = load_dataset(DataConfig(name="digits"), seed=0)
     model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
-    schedule = TrainSchedule(10, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    schedule = TrainSchedule(6, 32, 0.05, "cosine", "sgd", 5e-4, False)
     train(model, dataset, schedule)
     return dataset, model, schedule
 
@@ -347,7 +347,7 @@ def test_shared_resnet20_with_reshape_and_permute_layers_is_pruned():
 def test_default_weight_sparse_job_ships_a_3x_smaller_file_within_2_points(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "main.py"), "--learner=weight-sparse", "--target-sparsity", "0.8",
-               "--trials", "6", "--output-dir", str(out)]
+               "--trials", "4", "--output-dir", str(out)]
     process = subprocess.Popen([sys.executable, "-X", "faulthandler", *command[1:]], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT)
     try:
