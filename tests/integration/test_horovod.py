@@ -88,6 +88,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # Test-only: the context's collectives, and a baseline cache that only rank 0 has.
 PRIMITIVES = """
 import hashlib, json, os, sys
+import pocketflow  # first: it picks the process's Keras before tf.keras is touched
 import numpy as np
 import tensorflow as tf
 from pocketflow.distributed import make_context
