@@ -9,7 +9,6 @@ cheap evaluation and target check -> for the best candidate ``finetune`` -> ``fi
 from __future__ import annotations
 
 import abc
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
@@ -109,7 +108,3 @@ LEARNERS: Registry[type] = Registry("learner", flag="--learner")
 def register_learner(cls: type) -> type:
     LEARNERS.add(cls.name, cls)
     return cls
-
-
-def config_defaults(cls: type) -> Dict[str, Any]:
-    return dataclasses.asdict(cls.Config())

@@ -330,8 +330,3 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if isinstance(hint, type) and isinstance(value, hint):
         return value
     raise ConfigError(f"{key} = {value!r} in {source} has the wrong type; expected {hint}")
-
-
-def dataclass_defaults(cls: type) -> Dict[str, Any]:
-    """The default values of a config dataclass, as a plain dict (for docs and reports)."""
-    return _plain(dataclasses.asdict(cls()))
