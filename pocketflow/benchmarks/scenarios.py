@@ -1,0 +1,143 @@
+"""Named benchmark scenarios: which model, which method, which target, what budget.
+
+A scenario is either one of our runs (``main.py`` arguments) or a peer method (see
+``peers.py``) given the same arguments, so both sides of a comparison share the model, the data,
+the target and the training budget. ``quick`` scenarios use only built-in data (scikit-learn's
+digits) and fit in a few minutes on 2 cores; the others need ``../shared/data``.
+
+Published figures are kept in their own field, with where they come from; they are never mixed
+with what we measure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from pocketflow.registry import Registry
+
+CIFAR_PREPROCESS = ("--set", "data.mean=[0.485,0.456,0.406]", "--set", "data.std=[0.229,0.224,0.225]")
+
+
+def subject_args(subject: str, shared: str) -> Tuple[str, ...]:
+    """main.py arguments that select the model and data of a subject (``shared``: ../shared/data)."""
+    table = {
+        "digits_cnn": (),
+        "resnet20": ("--model", f"{shared}/pretrained/resnet20_cifar10.h5", "--dataset", "cifar10",
+                     "--data-dir", f"{shared}/cifar10", *CIFAR_PREPROCESS),
+        "resnet56": ("--model", f"{shared}/pretrained/resnet56_cifar10.h5", "--dataset", "cifar10",
+                     "--data-dir", f"{shared}/cifar10", *CIFAR_PREPROCESS),
+        "lenet-mnist": ("--net", "lenet", "--dataset", "mnist", "--data-dir", f"{shared}/mnist"),
+        "lenet-fashion": ("--net", "lenet", "--dataset", "fashion-mnist", "--data-dir", f"{shared}/fashion-mnist"),
+    }
+    return table[subject]
+
+
+@dataclass(frozen=True)
+class Published:
+    """A figure somebody else published for a comparable setting (never measured here)."""
+
+    figure: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    subject: str  # a key of subject_args
+    method: str  # a learner name (ours) or a peer name (see peers.PEERS)
+    target: Tuple[str, ...]  # main.py target flags, e.g. ("--target-speedup", "2.0")
+    args: Tuple[str, ...] = ()  # further main.py flags (budget, learner options)
+    peer: bool = False
+    quick: bool = False
+    minutes: float = 5.0  # expected wall time on 2 cores, for planning
+    published: Optional[Published] = None
+    # Run once per (flag value) and report the spread: e.g. ("--seed", ("0", "1", "2")).
+    repeat: Optional[Tuple[str, Tuple[str, ...]]] = None
+
+    def needs_shared(self) -> bool:
+        return self.subject != "digits_cnn"
+
+    def arguments(self, shared: str) -> List[str]:
+        return [*subject_args(self.subject, shared), *self.target, *self.args]
+
+    def target_text(self) -> str:
+        return " ".join(self.target).replace("--target-", "")
+
+
+SCENARIOS: Registry[Scenario] = Registry("scenario", flag="--scenario")
+ORDER: List[str] = []  # the order scenarios were added in (tables follow it)
+
+
+def add(*scenarios: Scenario) -> None:
+    for scenario in scenarios:
+        SCENARIOS.add(scenario.name, scenario)
+        ORDER.append(scenario.name)
+
+
+SEEDS = ("--seed", ("0", "1", "2"))
+
+# ----------------------------------------------------------------------------- built-in digits (quick)
+add(
+    Scenario("digits-channel-2.5x", "digits_cnn", "channel", ("--target-speedup", "2.5"), quick=True, minutes=1),
+    Scenario("digits-sparse-0.8", "digits_cnn", "weight-sparse", ("--target-sparsity", "0.8"), quick=True,
+             minutes=2),
+    Scenario("digits-uniform-int8", "digits_cnn", "uniform", ("--target-bits", "8"), quick=True, minutes=1),
+    Scenario("digits-tfmot-prune-0.8", "digits_cnn", "tfmot-prune", ("--target-sparsity", "0.8"),
+             ("--finetune-epochs", "6"), peer=True, quick=True, minutes=1),
+    Scenario("digits-tflite-ptq-int8", "digits_cnn", "tflite-ptq", (), peer=True, quick=True, minutes=0.5),
+    # Sampler comparison at an equal trial budget, three seeds each (the spread, not one run).
+    Scenario("digits-channel-3x-tpe", "digits_cnn", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "8", "--sampler", "tpe"), quick=True, minutes=2, repeat=SEEDS),
+    Scenario("digits-channel-3x-random", "digits_cnn", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "8", "--sampler", "random"), quick=True, minutes=2, repeat=SEEDS),
+)
+
+# ----------------------------------------------------------------------------- LeNet on MNIST / Fashion-MNIST
+for subject in ("lenet-mnist", "lenet-fashion"):
+    add(
+        Scenario(f"{subject}-channel-2x", subject, "channel", ("--target-speedup", "2.0"),
+                 ("--trials", "8", "--finetune-epochs", "1"), minutes=6),
+        Scenario(f"{subject}-sparse-0.8", subject, "weight-sparse", ("--target-sparsity", "0.8"),
+                 ("--trials", "4", "--finetune-epochs", "2"), minutes=6),
+        Scenario(f"{subject}-uniform-int8", subject, "uniform", ("--target-bits", "8"),
+                 ("--finetune-epochs", "1"), minutes=4),
+    )
+
+# ----------------------------------------------------------------------------- shared pretrained ResNets, CIFAR-10
+add(
+    Scenario("resnet20-channel-2x", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "1"), minutes=8),
+    Scenario("resnet20-l1-uniform-2x", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "1", "--finetune-epochs", "1", "--set", "channel.mode=uniform", "--set",
+              "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
+             minutes=4),
+    Scenario("resnet20-sparse-0.75", "resnet20", "weight-sparse", ("--target-sparsity", "0.75"),
+             ("--trials", "4", "--finetune-epochs", "3"), minutes=15),
+    Scenario("resnet20-tfmot-prune-0.75", "resnet20", "tfmot-prune", ("--target-sparsity", "0.75"),
+             ("--finetune-epochs", "3"), peer=True, minutes=10),
+    Scenario("resnet20-uniform-int8", "resnet20", "uniform", ("--target-bits", "8"), ("--finetune-epochs", "1"),
+             minutes=6),
+    Scenario("resnet20-tfmot-qat-int8", "resnet20", "tfmot-qat", (), ("--finetune-epochs", "1"), peer=True,
+             minutes=6),
+    Scenario("resnet20-tflite-ptq-int8", "resnet20", "tflite-ptq", (), peer=True, minutes=1),
+    Scenario("resnet56-channel-2.5x", "resnet56", "channel", ("--target-speedup", "2.5"),
+             ("--trials", "12", "--finetune-epochs", "3"), minutes=40,
+             published=Published("-0.4 points (ChannelPrunedLearner, full GPU fine-tuning)", "PocketFlow docs")),
+    Scenario("resnet56-uniform-int8", "resnet56", "uniform", ("--target-bits", "8"), ("--finetune-epochs", "1"),
+             minutes=12),
+    Scenario("resnet56-tflite-ptq-int8", "resnet56", "tflite-ptq", (), peer=True, minutes=2),
+)
+
+
+def select(names: List[str], quick: bool, shared_available: bool) -> List[Scenario]:
+    """The scenarios to run: named ones, or all (quick: the quick ones); shared-data ones need the data."""
+    if names:
+        chosen = [SCENARIOS.get(name) for name in names]
+    else:
+        chosen = [SCENARIOS.get(name) for name in ORDER if SCENARIOS.get(name).quick or not quick]
+    return [s for s in chosen if shared_available or not s.needs_shared()]
+
+
+def published_figures() -> Dict[str, Published]:
+    return {name: SCENARIOS.get(name).published for name in ORDER if SCENARIOS.get(name).published}

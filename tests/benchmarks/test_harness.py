@@ -1,0 +1,61 @@
+"""The benchmark harness: every scenario is a valid run, rows carry measured figures, reruns resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from learners import LEARNERS
+from pocketflow.benchmarks import harness
+from pocketflow.benchmarks.peers import PEERS
+from pocketflow.benchmarks.scenarios import ORDER, SCENARIOS, select
+from pocketflow.cli import build_parser, merged_config_dict
+from pocketflow.config import build_run_config
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_every_scenario_is_a_valid_run(name):
+    scenario = SCENARIOS.get(name)
+    assert scenario.method in (PEERS.names() if scenario.peer else LEARNERS.names())
+    data, source = merged_config_dict(build_parser().parse_args(
+        ["--learner", "full-prec" if scenario.peer else scenario.method, *scenario.arguments("/shared")]))
+    config = build_run_config(data, LEARNERS.names(), source)
+    if not scenario.peer:
+        LEARNERS.get(scenario.method).check_target(config.target)
+    else:
+        assert config.train.finetune_epochs is not None or scenario.method == "tflite-ptq"
+
+
+def test_quick_selection_needs_no_shared_data():
+    quick = select([], quick=True, shared_available=False)
+    assert quick and all(not s.needs_shared() and s.quick for s in quick)
+    assert {"tfmot-prune", "tflite-ptq"} <= {s.method for s in quick if s.peer}
+    assert len(select([], quick=False, shared_available=True)) > len(quick)
+
+
+def test_row_from_report_uses_the_shipped_file():
+    report = {"status": "completed", "baseline": {"accuracy": 0.9},
+              "best": {"accuracy": 0.88, "tflite_accuracy": 0.87, "artifact_accuracy": 0.86, "speedup": 1.0,
+                       "compression": 4.0, "latency_speedup": 1.1, "shipped_format": "container"}}
+    row = harness.row_from_report(report)
+    assert row["accuracy"] == 0.86 and row["compression"] == 4.0
+    assert harness._with_delta({**row})["delta"] == pytest.approx(-4.0)
+
+
+def test_peer_scenario_end_to_end_and_resume(tmp_path, caplog):
+    scenario = SCENARIOS.get("digits-tflite-ptq-int8")
+    rows = harness.run([scenario], "/nonexistent", tmp_path, command="test")
+    row = rows[0]
+    assert row["status"] == "ok", (tmp_path / f"{scenario.name}.log").read_text()[-2000:]
+    assert 0.9 <= row["accuracy"] <= 1.0 and abs(row["delta"]) < 2
+    assert row["compression"] > 3.0  # int8 weights: about 4x smaller than float
+    assert (tmp_path / scenario.name / "tflite_ptq_int8.tflite").stat().st_size == row["artifact_bytes"]
+    table = (tmp_path / "results.md").read_text()
+    assert "digits-tflite-ptq-int8" in table and "tflite-ptq (peer)" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"][0]["scenario"] == scenario.name and saved["machine"]["cpu_count"]
+    caplog.set_level("INFO")
+    again = harness.run([scenario], "/nonexistent", tmp_path, command="test")
+    assert again[0]["seconds"] == row["seconds"]  # kept, not run again
+    assert "kept from the previous run" in caplog.text
