@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("macs", "speedup", "compression", "sparsity", "bits")
 
 
+def accuracy_of(trial: optuna.trial.FrozenTrial) -> Optional[float]:
+    """A trial's validation accuracy: its value, or its first value in a multi-objective (Pareto) study."""
+    return trial.values[0] if trial.values else None
+
+
 def _rows(study: optuna.Study) -> List[Dict[str, Any]]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
@@ -27,7 +32,7 @@ def _rows(study: optuna.Study) -> List[Dict[str, Any]]:
         row: Dict[str, Any] = {
             "number": trial.number,
             "state": trial.state.name,
-            "validation_accuracy": trial.value if trial.state == TrialState.COMPLETE else None,
+            "validation_accuracy": accuracy_of(trial) if trial.state == TrialState.COMPLETE else None,
             "feasible": attrs.get("feasible"),
             "seconds": round(attrs["seconds"], 2) if "seconds" in attrs else None,
         }
@@ -70,14 +75,14 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     feasible = [t for t in completed if t.user_attrs.get("feasible")]
     reference = [t for t in completed if t.user_attrs.get("reference")]
-    best = max(feasible, key=lambda t: (t.value, -t.number)) if feasible else None
+    best = max(feasible, key=lambda t: (accuracy_of(t), -t.number)) if feasible else None
     return {
         "study_name": study.study_name,
         "storage": storage_url,
         "sampler": type(study.sampler).__name__,
         "feasible_trials": len(feasible),
-        "best_validation_accuracy": best.value if best else None,
-        "reference_validation_accuracy": reference[0].value if reference else None,
+        "best_validation_accuracy": accuracy_of(best) if best else None,
+        "reference_validation_accuracy": accuracy_of(reference[0]) if reference else None,
         "largest_reached": largest_reached(study),
         "trials_csv": "trials.csv",
     }
@@ -95,7 +100,7 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
 
     written = []
     numbers = [t.number for t in completed]
-    values = [t.value for t in completed]
+    values = [accuracy_of(t) for t in completed]
     feasible = [bool(t.user_attrs.get("feasible")) for t in completed]
     best_so_far, best = [], float("-inf")
     for value, ok in zip(values, feasible):
@@ -119,7 +124,7 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
     written.append("search_history.png")
 
     quantity = next(iter(requested), "speedup")
-    points = [(t.user_attrs.get(quantity), t.value, ok) for t, ok in zip(completed, feasible)
+    points = [(t.user_attrs.get(quantity), accuracy_of(t), ok) for t, ok in zip(completed, feasible)
               if t.user_attrs.get(quantity) is not None]
     if points:
         figure, axis = plt.subplots(figsize=(6, 4))

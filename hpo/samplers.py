@@ -1,6 +1,7 @@
 """Sampler registry: --sampler name -> Optuna sampler factory.
 
-Samplers are re-created for every trial with seed = run seed + trial number, so a search
+Samplers are re-created for every trial with seed = run seed + the trial's index (trials cut
+off by an interruption and queued trials not counted: ``Search._trial_index``), so a search
 that is interrupted and resumed proposes the same parameters as one that ran straight
 through (given the same finished trials).
 """
@@ -48,6 +49,15 @@ def cma_es(seed: int) -> optuna.samplers.BaseSampler:
         raise ConfigError("--sampler cmaes needs the cmaes package (pip install cmaes); "
                           "or use --sampler tpe") from None
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=3, warn_independent_sampling=False)
+
+
+NSGA2_POPULATION = 8  # small generations: our budgets are tens of trials
+
+
+@SAMPLERS.register("nsga2")
+def nsga2(seed: int) -> optuna.samplers.BaseSampler:
+    """NSGA-II, for --objective pareto (multi-objective TPE, the default, works there too)."""
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=NSGA2_POPULATION)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

@@ -27,14 +27,18 @@ import optuna
 import tensorflow as tf
 from optuna.trial import TrialState
 
-from hpo import results
+from hpo import pareto, results
 from hpo.samplers import make_sampler
-from hpo.storage import (WORKER_ATTRIBUTE, claim_study, counts, default_storage_url, display_url,
-                         load_or_create, open_storage, recover_dead_trials, study_lock, worker_id)
+from hpo.storage import (PARAMS_PENDING_ATTRIBUTE, WORKER_ATTRIBUTE, claim_study, counts,
+                         default_storage_url, display_url, is_interrupted, load_or_create, open_storage,
+                         recover_dead_trials, requeue, study_lock, worker_id)
 from hpo.targets import describe_shortfall, meets, violations
 from learners.base import Learner
+from learners.distillation import make_distiller, reference_values, searched, suggest
 from pocketflow.config import RunConfig
+from pocketflow.data.files import one_line
 from pocketflow.distributed import SingleProcess
+from pocketflow.errors import ConfigError, RunInterrupted, SearchFailedError
 from pocketflow.runner import SearchOutcome
 from pocketflow.training import accuracy
 
@@ -66,8 +70,17 @@ class Search:
         self.started = time.time()
         self.trial_seconds: List[float] = []
         self.consecutive_failures = 0
+        self._current_trial: Optional[optuna.Trial] = None  # asked and not yet told (for Ctrl-C)
         distinct = learner.max_trials()
         self.budget = min(config.hpo.trials, distinct) if distinct else config.hpo.trials
+        # --objective pareto: a second objective, the learner's cost (MACs, bytes), minimized.
+        self.cost_key = learner.pareto_cost if config.hpo.objective == "pareto" else None
+        if self.cost_key and distinct is not None and distinct < 2:
+            raise ConfigError(f"--objective pareto: learner '{config.learner}' has {distinct} candidate with these "
+                              f"options, so there is no front to search; use --objective accuracy")
+        # Searched distillation T/alpha: every trial is fine-tuned briefly with its own values.
+        self.distillation = config.distillation
+        self.distiller = make_distiller(config.distillation, baseline) if searched(config.distillation) else None
 
     # ------------------------------------------------------------------ study
     def _open_study(self) -> optuna.Study:
@@ -75,12 +88,14 @@ class Search:
         hpo = self.config.hpo
         subject = self.config.net or Path(self.config.model).stem
         url = hpo.storage or default_storage_url(self.output_dir)
-        name = hpo.study_name or f"{self.config.learner}-{subject}"
+        name = hpo.study_name or f"{self.config.learner}-{subject}" + ("-pareto" if self.cost_key else "")
         self.storage_url, self.study_name = url, name
         with self._lock():
             study = load_or_create(open_storage(url), name, self._sampler(0), self.resume,
-                                   shared=hpo.storage is not None)
-            claim_study(study, {"learner": self.config.learner, "model": subject, "target": self.requested})
+                                   shared=hpo.storage is not None,
+                                   directions=["maximize", "minimize"] if self.cost_key else None)
+            claim_study(study, {"learner": self.config.learner, "model": subject, "target": self.requested,
+                                "objective": hpo.objective})
             if self.resume or hpo.storage is not None:
                 recover_dead_trials(study)
             self.study = study
@@ -111,19 +126,29 @@ class Search:
             with self._lock():  # other searchers of the study check and ask in turn
                 if not self._enough():
                     study = self.study
-                    study.sampler = self._sampler(len(study.get_trials(deepcopy=False)))
+                    study.sampler = self._sampler(self._trial_index())
                     trial = study.ask()
+                    self._current_trial = trial
                     trial.set_user_attr(WORKER_ATTRIBUTE, worker_id())
+                    trial.set_user_attr(PARAMS_PENDING_ATTRIBUTE, True)
             if trial is not None:
                 hparams = self.learner.search_space(trial)
+                hyperparameters = hyperparameters_dict(hparams)
+                if self.distiller is not None:
+                    hyperparameters["distillation"] = suggest(trial, self.distillation)
+                trial.set_user_attr(PARAMS_PENDING_ATTRIBUTE, False)  # a cut-off trial's params may be rerun
                 decision = {"params": dict(trial.params), "number": trial.number,
-                            "hyperparameters": hyperparameters_dict(hparams)}
+                            "hyperparameters": hyperparameters}
         decision = self.distributed.broadcast_object(decision)
         return trial, decision
 
     def _evaluate(self, params: Dict[str, Any]) -> Tuple[float, Dict[str, float]]:
         hparams = self.learner.search_space(optuna.trial.FixedTrial(params))
         candidate = self.learner.compress(self.baseline, hparams)  # every rank: its training is collective
+        if self.distiller is not None:  # searched T/alpha: measured by a short fine-tuning distilled with them
+            chosen = suggest(optuna.trial.FixedTrial(params), self.distillation)
+            candidate = self.learner.finetune(candidate, self.distillation.search_epochs,
+                                              teacher=self.distiller.with_values(**chosen))
         if not self.distributed.is_chief:
             return math.nan, {}  # only rank 0 scores and records
         achieved = self.learner.candidate_metrics(candidate)
@@ -141,7 +166,15 @@ class Search:
         for key, value in achieved.items():
             trial.set_user_attr(key, value)
         if not math.isfinite(score):
+            trial.set_user_attr("fail_reason", f"the validation accuracy is {score}")
             self.study.tell(trial, state=TrialState.FAIL)
+            return
+        if self.cost_key:  # --objective pareto: (validation accuracy, cost)
+            cost = achieved.get(self.cost_key)
+            if cost is None or not math.isfinite(cost):
+                self._fail(trial, f"the learner did not measure '{self.cost_key}', the Pareto cost")
+                return
+            self.study.tell(trial, [score, float(cost)])
             return
         self.study.tell(trial, score)
 
@@ -160,6 +193,14 @@ class Search:
                                  {"largest_reached": reachable})
         if self.distributed.is_chief:
             self._open_study()
+        try:
+            self._run_trials()
+        except KeyboardInterrupt:
+            raise self._interrupted() from None
+        return self._outcome()
+
+    def _run_trials(self) -> None:
+        """Ask, compress, score, tell, until the study's budget is reached."""
         while True:
             trial, decision = self._ask()
             if decision is None:
@@ -168,10 +209,6 @@ class Search:
             error: Optional[Exception] = None
             try:
                 score, achieved = self._evaluate(decision["params"])
-            except KeyboardInterrupt:
-                if trial is not None:
-                    self._fail(trial, "interrupted by the user")
-                raise
             except Exception as caught:  # noqa: BLE001 - a failed trial must not stop the search
                 error = caught
                 reason = f"{type(error).__name__}: {error}"
@@ -180,16 +217,48 @@ class Search:
                     self._fail(trial, reason)
             verdict = self.distributed.broadcast_object(self._verdict(error))  # rank 0's verdict binds all
             if verdict == "give up":
-                raise error or RuntimeError(f"the search stopped: the first {MAX_FAILURES_WITHOUT_SUCCESS} "
-                                            f"trials failed on rank 0 (see its log)")
+                last = f"the last: {type(error).__name__}: {one_line(error, 300)}" if error else "on rank 0"
+                raise SearchFailedError(f"the search stopped: its first {MAX_FAILURES_WITHOUT_SUCCESS} trials "
+                                        f"failed ({last}); see trials.csv and run.log in the run directory")
             if verdict == "failed" or trial is None:
+                self._current_trial = None
                 continue
             seconds = time.time() - begin
             self.trial_seconds.append(seconds)
             self._record(trial, score, achieved, seconds, decision["hyperparameters"])
+            self._current_trial = None
             self._progress(decision["number"], score, achieved, seconds)
             results.write_trials(self.study, self.output_dir, self.requested)
-        return self._outcome()
+
+    def _trial_index(self) -> int:
+        """The next trial's sampler seed offset: the study's trials, not counting those cut off by an
+        interruption (they are run again) nor queued ones, so a search that is killed and resumed
+        draws the same parameters as one that ran straight through."""
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if t.state != TrialState.WAITING and not is_interrupted(t))
+
+    def _interrupted(self) -> RunInterrupted:
+        """Ctrl-C: the trial in progress is marked failed ('interrupted') and --resume runs it again (its
+        parameters are queued, or drawn again with the same seed if it was cut off while they were
+        suggested); the study (already in its database) and trials.csv are saved; the counts go to the
+        partial report."""
+        if self.study is None:
+            return RunInterrupted({"completed": 0, "failed": 0, "pruned": 0}, {})
+        trial, self._current_trial = self._current_trial, None
+        try:
+            running = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       if trial is not None and t.number == trial.number]
+            if running:
+                self._fail(trial, "interrupted: stopped by the user (SIGINT); --resume runs it again")
+                requeue(self.study, running[0])
+                log.warning("trial %d interrupted: marked failed; --resume runs it again", trial.number)
+            results.write_trials(self.study, self.output_dir, self.requested)
+            details = results.summary(self.study, self.requested, display_url(self.storage_url))
+        except Exception as error:  # noqa: BLE001 - saving what we can must not hide the interruption
+            log.warning("after the interruption, the study could not be fully saved: %s", error)
+            details = {}
+        full = counts(self.study)
+        return RunInterrupted({k: full[k] for k in ("completed", "failed", "pruned")}, details)
 
     def _verdict(self, error: Optional[Exception]) -> str:
         """After a trial: "ok", "failed" (go on), or "give up" (the first trials all failed)."""
@@ -208,13 +277,18 @@ class Search:
         """Queue the learner's reference point (e.g. uniform ratios) as the study's first trial
         (under the study's lock: two searchers starting together queue it once)."""
         reference = self.learner.reference_params()
+        if reference and self.distiller is not None:
+            reference = {**reference, **reference_values(self.distillation)}
         if reference and not self.study.get_trials(deepcopy=False):
             self.study.enqueue_trial(reference, user_attrs={"reference": True})
 
     def _progress(self, number: int, score: float, achieved: Dict[str, float], seconds: float) -> None:
         state = counts(self.study)
         best = self._best_trial()
-        best_text = f"best {best.value:.4f} (#{best.number})" if best else "best: none meets the target yet"
+        best_text = f"best {results.accuracy_of(best):.4f} (#{best.number})" if best else \
+            "best: none meets the target yet"
+        if self.cost_key:
+            best_text = f"front {len(pareto.front_trials(self.study))} models"
         remaining = max(0, self.budget - state["completed"])
         mean = sum(self.trial_seconds) / len(self.trial_seconds)
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in achieved.items() if k in self.requested or k == "speedup")
@@ -225,9 +299,11 @@ class Search:
     def _best_trial(self) -> Optional[optuna.trial.FrozenTrial]:
         feasible = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                     if t.user_attrs.get("feasible")]
-        return max(feasible, key=lambda t: (t.value, -t.number)) if feasible else None
+        return max(feasible, key=lambda t: (results.accuracy_of(t), -t.number)) if feasible else None
 
     def _outcome(self) -> SearchOutcome:
+        if self.cost_key:
+            return self._front_outcome()
         decision = None
         details: Dict[str, Any] = {}
         state = {"completed": 0, "failed": 0, "pruned": 0}
@@ -254,6 +330,31 @@ class Search:
         candidate = self.learner.compress(self.baseline, hparams)
         details["best_trial"] = decision["number"]
         return SearchOutcome(candidate, decision["hyperparameters"], state, None, details)
+
+    def _front_outcome(self) -> SearchOutcome:
+        """--objective pareto: the non-dominated feasible trials, for the runner to finish (hpo/pareto.py)."""
+        front: List[Dict[str, Any]] = []
+        details: Dict[str, Any] = {}
+        state = {"completed": 0, "failed": 0, "pruned": 0}
+        if self.distributed.is_chief:
+            full = counts(self.study)
+            state = {k: full[k] for k in ("completed", "failed", "pruned")}
+            results.write_trials(self.study, self.output_dir, self.requested)
+            results.write_plots(self.study, self.output_dir, self.requested)
+            details = results.summary(self.study, self.requested, display_url(self.storage_url))
+            front, points = pareto.front_decisions(self.study, self.config.pareto)
+            details.update(pareto_points=points,
+                           pareto_candidates=[member["number"] for member in front if not member.get("reserve")])
+        front = self.distributed.broadcast_object(front)
+        details = self.distributed.broadcast_object(details)
+        if not front:
+            reason = ("no completed trial met the target: " + describe_shortfall(self.requested,
+                                                                                 details.get("largest_reached", {}))
+                      if state["completed"] else "no trial completed (see run.log and trials.csv for the errors)")
+            return SearchOutcome(None, {}, state, reason, details)
+        log.info("search done: finishing trials %s (the most accurate of each %s band; the fine-tuned models "
+                 "decide the front)", details.get("pareto_candidates"), self.cost_key)
+        return SearchOutcome(None, {}, state, None, details, front=front)
 
 
 def _clock(seconds: float) -> str:

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 WORKER_ATTRIBUTE = "worker"
 RETRY_OF_ATTRIBUTE = "retry_of"
+# True from the ask until every parameter is suggested: a trial cut off in between has partial
+# params, which are not queued again (the resumed search draws the same ones: samplers are
+# seeded by the trial's index, and cut-off trials do not count).
+PARAMS_PENDING_ATTRIBUTE = "params_pending"
 
 
 def default_storage_url(output_dir: Path) -> str:
@@ -152,25 +156,49 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def is_interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial cut off by Ctrl-C or by its process dying (failed, and queued again to be rerun)."""
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith("interrupted")
+
+
+def retry_params(trial: optuna.trial.FrozenTrial) -> Dict[str, Any]:
+    """The parameters to queue again for a cut-off trial: all of them; or, if it was cut off while
+    they were being suggested, only those that were fixed when it was queued (the reference trial)."""
+    if trial.user_attrs.get(PARAMS_PENDING_ATTRIBUTE):
+        return dict(trial.system_attrs.get("fixed_params") or {})
+    return dict(trial.params)
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a cut-off trial again (it keeps its 'reference' mark, and says which trial it retries)."""
+    params = retry_params(trial)
+    if not params:
+        return
+    attributes: Dict[str, Any] = {RETRY_OF_ATTRIBUTE: trial.number}
+    if trial.user_attrs.get("reference"):
+        attributes["reference"] = True
+    study.enqueue_trial(params, user_attrs=attributes, skip_if_exists=False)
+
+
 def recover_dead_trials(study: optuna.Study) -> List[int]:
     """Mark RUNNING trials whose process on this host is gone as FAILED and queue their parameters again.
 
-    Trials of live processes (other searchers sharing the study) are left alone.
+    Trials of live processes (other searchers sharing the study) are left alone. Called under the
+    study's lock, like the ask that creates a trial and names its worker, so a RUNNING trial
+    without a worker is one whose process died between the two (kill -9 at that instant).
     """
     host = socket.gethostname()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get(WORKER_ATTRIBUTE, "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _process_alive(int(pid)):
+        worker = trial.user_attrs.get(WORKER_ATTRIBUTE)
+        worker_host, _, pid = (worker or "").rpartition(":")
+        if worker is not None and (worker_host != host or not pid.isdigit() or _process_alive(int(pid))):
             continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call to fail another process's trial
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted: its process died; "
                                                                     "retried on resume")
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        if trial.params:
-            study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTRIBUTE: trial.number},
-                                skip_if_exists=False)
+        requeue(study, trial)
         recovered.append(trial.number)
     if recovered:
         log.info("resume: trials %s were cut off by the interruption; they are marked failed and run again",
@@ -190,12 +218,15 @@ def counts(study: optuna.Study) -> dict:
 
 
 def load_or_create(storage: optuna.storages.BaseStorage, study_name: str, sampler: optuna.samplers.BaseSampler,
-                   resume: bool, shared: bool) -> optuna.Study:
+                   resume: bool, shared: bool, directions: Optional[List[str]] = None) -> optuna.Study:
     """Open the study. Without --resume a private study must be new; a shared one may already exist."""
     existing = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if study_name in existing and not (resume or shared):
         raise UserError(f"study '{study_name}' already exists in the storage; pass --resume to continue it "
                         f"or choose another --study-name")
+    if directions:  # several objectives (--objective pareto)
+        return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, directions=directions,
+                                   load_if_exists=True)
     return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, direction="maximize",
                                load_if_exists=True)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
@@ -22,6 +22,9 @@ from pocketflow.errors import ConfigError
 from pocketflow.metrics import count_macs
 from pocketflow.registry import Registry
 from pocketflow.training import TrainSchedule
+
+if TYPE_CHECKING:
+    from learners.distillation import Distiller
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Learner(abc.ABC):
     Config: ClassVar[type]  # frozen dataclass of this learner's hyperparameters
     targets: ClassVar[Tuple[str, ...]] = ()  # target kinds it can meet: speedup, compression, ...
     searches: ClassVar[bool] = True  # False: one candidate, no Optuna study
+    # --objective pareto minimizes this candidate_metrics() key against accuracy ("macs", or "bytes"
+    # for learners that shrink files, when their candidates differ in it); None: no front to search.
+    pareto_cost: ClassVar[Optional[str]] = None
 
     def __init__(self, options: Any, context: LearnerContext) -> None:
         self.options = options
@@ -59,6 +65,13 @@ class Learner(abc.ABC):
             accepted = ", ".join(f"--target-{kind}" for kind in cls.targets) or "no target"
             raise ConfigError(f"learner '{cls.name}' cannot meet target {', '.join(unsupported)}; "
                               f"it accepts {accepted}")
+
+    @classmethod
+    def strategy(cls, options: Any, target: TargetConfig) -> type:
+        """The class that carries out ``options`` and ``target`` (same name, same options section).
+        A learner may hand some of them to another strategy, e.g. uniform: int8, or mixed low-bit
+        below 8 bits. Default: itself."""
+        return cls
 
     def search_space(self, trial: Any) -> Any:
         """Hyperparameters for one trial; fixed values in the options pass through."""
@@ -86,7 +99,10 @@ class Learner(abc.ABC):
         return {"macs": float(macs), "speedup": self.context.baseline_macs / macs if macs else float("inf")}
 
     def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+                 teacher: Optional["Distiller"] = None) -> tf.keras.Model:
+        """Train the candidate ``compress`` returned for ``epochs``. With a ``teacher`` (a
+        ``learners.distillation.Distiller``), pass ``loss_function=distillation_loss(teacher, model)``
+        to ``train`` so the fine-tuning is distilled from the baseline."""
         return model
 
     def finalize(self, model: tf.keras.Model) -> tf.keras.Model:

@@ -8,7 +8,9 @@ Layout (an ``.npz`` whose members are stored, not deflated, so the bytes are wha
 ``meta`` (zlib JSON: format, version, one entry per weight of ``model.weights``), ``architecture``
 (zlib Keras JSON), ``dense`` (float32 values of tensors kept in float: biases, BatchNorm, small
 tensors), ``codes`` (every packed tensor's codes, ``bits`` per code, each tensor byte-aligned) and
-``tables`` (float32 decoding tables: scales and zero points, codebooks, ...).
+``tables`` (float32 decoding tables: scales and zero points, codebooks, ...), and, only when a
+tensor asks for half-precision tables (``table_dtype="float16"``, e.g. product-quantization
+codebooks), ``tables16`` (those tables as float16).
 
 A *decoder* turns (codes, table, entry) into the float weight; decoders are registered by name,
 so a learner with a new scheme adds one without touching the file format.
@@ -103,6 +105,7 @@ class PackedTensor:
     table: np.ndarray  # float32, the decoder's parameters
     decoder: str
     extra: Dict[str, Any] = field(default_factory=dict)  # decoder options (JSON-serializable)
+    table_dtype: str = "float32"  # "float16": the table is stored in half precision (member tables16)
 
 
 def _zipped(text: str) -> np.ndarray:
@@ -123,6 +126,7 @@ def packed_bytes(model: tf.keras.Model, packed: Mapping[str, PackedTensor]) -> b
     dense: List[np.ndarray] = []
     codes: List[bytes] = []
     tables: List[np.ndarray] = []
+    tables16: List[np.ndarray] = []
     for weight in model.weights:
         value = weight.numpy()
         entry: Dict[str, Any] = {"name": weight.name, "shape": list(value.shape), "dtype": value.dtype.name}
@@ -133,11 +137,17 @@ def packed_bytes(model: tf.keras.Model, packed: Mapping[str, PackedTensor]) -> b
         else:
             DECODERS.get(tensor.decoder)
             blob = pack_codes(tensor.codes, tensor.bits)
-            table = np.asarray(tensor.table, np.float32).reshape(-1)
+            if tensor.table_dtype not in ("float32", "float16"):
+                raise ValueError(f"table_dtype = {tensor.table_dtype!r} is not supported; use float32 or float16")
+            table = np.asarray(tensor.table, tensor.table_dtype).reshape(-1)
             entry.update(encoding="packed", bits=int(tensor.bits), count=int(np.asarray(tensor.codes).size),
                          decoder=tensor.decoder, table_size=int(table.size), **tensor.extra)
             codes.append(blob)
-            tables.append(table)
+            if tensor.table_dtype == "float16":
+                entry["table_dtype"] = "float16"
+                tables16.append(table)
+            else:
+                tables.append(table)
         entries.append(entry)
     meta = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "weights": entries}
     arrays = {
@@ -147,6 +157,8 @@ def packed_bytes(model: tf.keras.Model, packed: Mapping[str, PackedTensor]) -> b
         "codes": np.frombuffer(b"".join(codes), np.uint8),
         "tables": np.concatenate(tables) if tables else np.zeros(0, np.float32),
     }
+    if tables16:  # only files that use half-precision tables carry the member
+        arrays["tables16"] = np.concatenate(tables16)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
@@ -175,7 +187,8 @@ def read_packed(path: Path) -> Tuple[str, List[np.ndarray], List[Dict[str, Any]]
         raise ValueError(f"'{path}' is {meta.get('format')} version {meta.get('version')}; this code reads "
                          f"{PACKED_FORMAT} version {PACKED_VERSION}")
     dense, codes, tables = arrays["dense"], arrays["codes"].tobytes(), arrays["tables"]
-    dense_at = codes_at = tables_at = 0
+    tables16 = arrays.get("tables16", np.zeros(0, np.float16))
+    dense_at = codes_at = tables_at = tables16_at = 0
     weights: List[np.ndarray] = []
     for entry in meta["weights"]:
         shape = tuple(entry["shape"])
@@ -187,8 +200,12 @@ def read_packed(path: Path) -> Tuple[str, List[np.ndarray], List[Dict[str, Any]]
         length = packed_size(entry["count"], entry["bits"])
         values = unpack_codes(codes[codes_at:codes_at + length], entry["bits"], entry["count"])
         codes_at += length
-        table = tables[tables_at:tables_at + entry["table_size"]]
-        tables_at += entry["table_size"]
+        if entry.get("table_dtype") == "float16":
+            table = tables16[tables16_at:tables16_at + entry["table_size"]].astype(np.float32)
+            tables16_at += entry["table_size"]
+        else:
+            table = tables[tables_at:tables_at + entry["table_size"]]
+            tables_at += entry["table_size"]
         weights.append(DECODERS.get(entry["decoder"])(values, table, entry).astype(entry["dtype"]).reshape(shape))
     return _unzipped(arrays["architecture"]), weights, meta["weights"]
 

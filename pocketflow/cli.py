@@ -10,7 +10,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 # Flag -> dotted config key. Flags left out keep the YAML/default value.
 FLAG_KEYS: Dict[str, str] = {
@@ -35,8 +35,14 @@ FLAG_KEYS: Dict[str, str] = {
     "sampler": "hpo.sampler",
     "storage": "hpo.storage",
     "study_name": "hpo.study_name",
+    "objective": "hpo.objective",
+    "pick_latency_ms": "pareto.pick_latency_ms",
+    "pick_size_kb": "pareto.pick_size_kb",
+    "distill": "distillation.enabled",
+    "distill_temperature": "distillation.temperature",
+    "distill_alpha": "distillation.alpha",
     "sparsity_pattern": "weight-sparse.pattern",
-    "bits": "weight-sparse.bits",
+    "bits": "{learner}.bits",  # the selected learner's section (uniform, weight-sparse)
     "export": "export.tflite",
     "quantize_export": "export.quantize",
     "threads": "export.threads",
@@ -44,12 +50,31 @@ FLAG_KEYS: Dict[str, str] = {
 }
 
 
+def _number_or_search(text: str):
+    """A flag value that is a number or the word 'search' (the optimizer chooses)."""
+    if text.strip().lower() == "search":
+        return "search"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor 'search'") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose bad-flag message is one line ``error: ...`` (exit 2), like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message}; see python main.py --help\n")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="main.py",
         description="PocketFlow-TF2: compress a Keras model to a target, export it to TFLite, report what it "
                     "costs. With no flags: train the built-in digits CNN on scikit-learn's digits.",
-        epilog="Exit status: 0 done; 2 bad input; 3 no candidate met the target (report still written). "
+        epilog="Exit status: 0 done; 2 bad input; 3 no candidate met the target (report still written); "
+               "130 interrupted (partial report written; --resume continues). "
                "Values from --config are overridden by flags, then by --set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
@@ -60,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument("--set", metavar="KEY=VALUE", action="append", dest="overrides", default=[],
                          help="override any config key, value read as YAML, e.g. --set train.epochs=5 "
                               "--set 'data.mean=[0.485,0.456,0.406]' (repeatable)")
-    general.add_argument("--learner", help="compression algorithm: full-prec (train/evaluate only), channel, ... "
+    general.add_argument("--learner", help="compression algorithm: full-prec (train/evaluate only), channel, "
+                                           "weight-sparse, uniform, non-uniform (codebooks), product-quant, ... "
                                            "(default full-prec)")
     general.add_argument("--output-dir", metavar="DIR", help="run directory (default runs/<time>-<learner>-<net>)")
     general.add_argument("--resume", action="store_true", default=False,
@@ -96,16 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     sparse = parser.add_argument_group("weight-sparse learner")
     sparse.add_argument("--sparsity-pattern", choices=["unstructured", "2:4"],
                         help="unstructured zeros, or 2:4 (two zeros in every 4 input-channel weights)")
-    sparse.add_argument("--bits", type=int, choices=[8], help="ship sparse int8 instead of sparse float32")
+    sparse.add_argument("--bits", type=int, choices=range(2, 9), metavar="{2..8}",
+                        help="weight bits of the selected learner: uniform: 8 = int8 TFLite, 2-7 = packed low-bit "
+                             "weights at that average; weight-sparse: 8 ships sparse int8")
 
     search = parser.add_argument_group("search (Optuna)")
     search.add_argument("--trials", type=int, help="trials in the study (total, shared by all searchers; "
                                                    "default 20)")
     search.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    search.add_argument("--sampler", choices=["tpe", "random", "gp", "cmaes"], help="Optuna sampler (default tpe)")
+    search.add_argument("--sampler", choices=["tpe", "random", "gp", "cmaes", "nsga2"],
+                        help="Optuna sampler (default tpe; with --objective pareto: tpe, random, gp or nsga2)")
     search.add_argument("--storage", metavar="URL", help="Optuna storage URL (default "
                                                          "sqlite:///<output-dir>/study.db)")
     search.add_argument("--study-name", help="Optuna study name (default: from the run)")
+    search.add_argument("--objective", choices=["accuracy", "pareto"],
+                        help="accuracy: the most accurate candidate meeting the target; pareto: accuracy vs MACs "
+                             "(or size), ending with every non-dominated model fine-tuned, exported and listed in "
+                             "pareto.csv (default accuracy)")
+    search.add_argument("--pick-latency-ms", type=float, metavar="MS",
+                        help="with --objective pareto: ship the most accurate front model whose TFLite latency "
+                             "is at most MS")
+    search.add_argument("--pick-size-kb", type=float, metavar="KB",
+                        help="with --objective pareto: ship the most accurate front model whose file is at most "
+                             "KB kibibytes")
+
+    distill = parser.add_argument_group("distillation (any learner's fine-tuning)")
+    distill.add_argument("--distill", action="store_true",
+                         help="fine-tune with knowledge distillation from the uncompressed baseline")
+    distill.add_argument("--distill-temperature", type=_number_or_search, metavar="T|search",
+                         help="softening temperature T > 0, or 'search' to let the optimizer choose (default 4)")
+    distill.add_argument("--distill-alpha", type=_number_or_search, metavar="A|search",
+                         help="weight of the teacher term in [0, 1], or 'search' (default 0.9)")
 
     export = parser.add_argument_group("export")
     export.add_argument("--export", choices=["tflite", "none"], help="write and measure TFLite files "
@@ -129,6 +176,8 @@ def merged_config_dict(args: argparse.Namespace) -> Tuple[Dict[str, Any], str]:
             value = getattr(args, flag)
             if flag == "export":
                 value = value == "tflite"
+            if "{learner}" in key:
+                key = _learner_key(key, data.get("learner") or "full-prec", flag)
             apply_override(data, key, value)
     for text in args.overrides:
         key, value = parse_override(text)
@@ -138,9 +187,43 @@ def merged_config_dict(args: argparse.Namespace) -> Tuple[Dict[str, Any], str]:
     return data, source
 
 
+def _learner_key(key: str, learner: str, flag: str) -> str:
+    """A flag that belongs to the selected learner's section, e.g. --bits -> uniform.bits."""
+    import dataclasses
+
+    from learners import LEARNERS
+    from pocketflow.errors import ConfigError
+
+    option = key.split(".", 1)[1]
+
+    def has_option(name: str) -> bool:
+        options = getattr(LEARNERS.get(name), "Config", None)
+        return options is not None and option in {f.name for f in dataclasses.fields(options)}
+
+    if not has_option(learner):
+        able = ", ".join(name for name in LEARNERS.names() if has_option(name))
+        raise ConfigError(f"--{flag.replace('_', '-')} sets an option of the learner; learner '{learner}' has no "
+                          f"'{option}' (learners that have it: {able}); choose one with --learner")
+    return key.format(learner=learner)
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """One line per event on the console; tracebacks (e.g. of a failed trial) go to run.log only."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
 def _configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -160,12 +243,25 @@ def _summary(report: Dict[str, Any]) -> List[str]:
         if best.get("tflite_latency_ms"):
             line += f", TFLite {best['tflite_latency_ms']:.3f} ms"
         out.append(line)
+    pareto = report.get("pareto") or {}
+    if pareto:
+        chosen = (pareto.get("pick") or {}).get("trial")
+        out.append(f"pareto:   {pareto.get('models')} non-dominated models in pareto.csv and pareto.png"
+                   + (f"; result = trial {chosen}" if chosen is not None else ""))
     return out
+
+
+def _one_line(error: BaseException) -> str:
+    """User errors are one line, whatever a library put into the message."""
+    return " ".join(str(error).splitlines()) or type(error).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a bad flag (2; its one line is printed)
+        return stop.code if isinstance(stop.code, int) else 2
     _configure_logging(args.quiet)
     from pocketflow.errors import TargetNotMetError, UserError
     from pocketflow.training import DivergenceError
@@ -177,18 +273,22 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         data, source = merged_config_dict(args)
         config = build_run_config(data, LEARNERS.names(), source)
+        for name, section in config.learners.items():  # learner sections, with errors that name the file
+            LEARNERS.get(name).parse_options(section, source)
         report = Runner(config, resume=args.resume).run()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
     except TargetNotMetError as error:
         print(f"target not met: {error}", file=sys.stderr)
         return error.exit_code
     except DivergenceError as error:
-        print(f"error: training diverged: {error}", file=sys.stderr)
+        print(f"error: training diverged: {_one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # The runner has saved the study and written a partial report (status "interrupted").
+        note = getattr(interrupt, "note", "")
+        print("interrupted" + (f": {note}" if note else ""), file=sys.stderr)
         return 130
     if report.get("best") is not None or report.get("baseline") is not None:
         for line in _summary(report):

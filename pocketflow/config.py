@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -107,9 +107,12 @@ class HpoConfig:
 
     trials: int = 20
     timeout: Optional[float] = None  # seconds for the whole search
-    sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    sampler: Literal["tpe", "random", "gp", "cmaes", "nsga2"] = "tpe"
     storage: Optional[str] = None  # Optuna RDB URL; None: sqlite:///<output_dir>/study.db
     study_name: Optional[str] = None
+    # accuracy: the most accurate candidate that meets the target; pareto: accuracy vs cost (MACs,
+    # or bytes for size learners), ending with the non-dominated set fine-tuned and exported.
+    objective: Literal["accuracy", "pareto"] = "accuracy"
 
     def __post_init__(self) -> None:
         _check(self.trials >= 1, "hpo.trials", self.trials, "must be >= 1")
@@ -134,6 +137,61 @@ class ExportConfig:
                self.representative_samples, "must be >= 1")
 
 
+SEARCH = "search"  # a hyperparameter value that lets the optimizer choose
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """Knowledge distillation from the uncompressed baseline during fine-tuning (learners/distillation.py)."""
+
+    enabled: bool = False
+    temperature: Union[float, str] = 4.0  # T > 0, or "search"
+    alpha: Union[float, str] = 0.9  # weight of the soft (teacher) term in [0, 1], or "search"
+    temperature_range: Tuple[float, float] = (1.0, 10.0)  # searched on a log scale
+    alpha_range: Tuple[float, float] = (0.3, 0.95)
+    # When T or alpha is searched: each trial's candidate is fine-tuned this long with its T and
+    # alpha before it is scored, so the search measures what they do.
+    search_epochs: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name, value, rule in (("temperature", self.temperature, "a number > 0"),
+                                  ("alpha", self.alpha, "a number in [0, 1]")):
+            if value == SEARCH:
+                if not self.enabled:
+                    raise ConfigError(f"distillation.{name} = 'search' needs distillation: enabled (pass "
+                                      f"--distill, or --set distillation.enabled=true)")
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value > 0 if name == "temperature" else 0.0 <= value <= 1.0)
+            _check(ok, f"distillation.{name}", value, f"must be {rule} or 'search'")
+        for name, bounds, positive in (("temperature_range", self.temperature_range, True),
+                                       ("alpha_range", self.alpha_range, False)):
+            ok = len(bounds) == 2 and bounds[0] < bounds[1] and (bounds[0] > 0 if positive else
+                                                                  0.0 <= bounds[0] and bounds[1] <= 1.0)
+            _check(ok, f"distillation.{name}", bounds,
+                   "must be [low, high] with low < high" + (", low > 0" if positive else ", within [0, 1]"))
+        _check(self.search_epochs > 0, "distillation.search_epochs", self.search_epochs, "must be > 0")
+
+
+@dataclass(frozen=True)
+class ParetoConfig:
+    """--objective pareto: how many front models to finish, and an optional budget to pick one by."""
+
+    max_models: int = 6  # front models fine-tuned, exported and measured (spread along the cost axis)
+    min_models: int = 3  # fewer on the first front: models of the next fronts are finished too
+    pick_latency_ms: Optional[float] = None  # the most accurate model whose TFLite latency fits
+    pick_size_kb: Optional[float] = None  # the most accurate model whose shipped file fits (KiB)
+
+    def __post_init__(self) -> None:
+        _check(self.max_models >= 1, "pareto.max_models", self.max_models, "must be >= 1")
+        _check(1 <= self.min_models <= self.max_models, "pareto.min_models", self.min_models,
+               f"must be in [1, pareto.max_models = {self.max_models}]")
+        for name in ("pick_latency_ms", "pick_size_kb"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(value > 0, f"pareto.{name}", value, "must be > 0")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; written to <output_dir>/config.yaml so the run can be repeated."""
@@ -148,11 +206,17 @@ class RunConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     hpo: HpoConfig = field(default_factory=HpoConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)
     # Learner sections as given (validated against each learner's Config by the learner registry).
     learners: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        for name in ("pick_latency_ms", "pick_size_kb"):
+            if getattr(self.pareto, name) is not None and self.hpo.objective != "pareto":
+                raise ConfigError(f"pareto.{name} = {getattr(self.pareto, name)!r} picks a model from a Pareto "
+                                  f"front; add --objective pareto (or --set hpo.objective=pareto)")
 
     def learner_section(self, name: str) -> Mapping[str, Any]:
         return self.learners.get(name, {})
@@ -189,13 +253,37 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key} = {value!r} is out of range: it {rule}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not 'the last wins')."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_file(path: str) -> Dict[str, Any]:
     """Read a YAML config file into a dict, with errors that name the file."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory; pass a YAML file to --config")
     if not file.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(file.read_text())
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config file '{path}' cannot be read ({reason}); pass a YAML text file to "
+                          f"--config") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -19,5 +19,38 @@ if "tensorflow" not in sys.modules:
     # so every process ends in the same state, whoever launched it.
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
 
+
+def _import_quietly() -> None:
+    """Import TensorFlow with its native start-up noise on file descriptor 2 filtered out.
+
+    A TensorFlow wheel built with CUDA prints "Unable to register cuDNN/cuFFT/cuBLAS factory"
+    at import, on machines with or without a GPU; those lines are dropped so that a user error
+    stays one line on stderr. Anything else TensorFlow prints there is passed through.
+    """
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2 (embedded interpreters)
+        import tensorflow  # noqa: F401
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if "Unable to register" not in line and "TF-TRT Warning" not in line]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+if "tensorflow" not in sys.modules:
+    _import_quietly()
 import tensorflow  # noqa: E402,F401
 import tensorflow_model_optimization  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 on import)

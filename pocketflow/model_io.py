@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import tensorflow as tf
 
@@ -22,7 +25,8 @@ def load_user_model(path: str) -> tf.keras.Model:
         raise DataError(f"model '{path}' is a directory without saved_model.pb; pass a SavedModel "
                         f"directory, a .h5 file or a .keras file")
     try:
-        model = tf.keras.models.load_model(str(location), compile=False)
+        with _keras_warnings_silenced():  # e.g. "SavedModel saved prior to TF 2.5": our own error says more
+            model = tf.keras.models.load_model(str(location), compile=False)
     except Exception as error:  # noqa: BLE001 - any failure here is a bad file from the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"model '{path}' could not be loaded ({reason[:200]}); check that it is a "
@@ -31,6 +35,17 @@ def load_user_model(path: str) -> tf.keras.Model:
         raise DataError(f"model '{path}' loaded, but it is not a Keras model with known inputs "
                         f"(a bare SavedModel from tf.saved_model.save?); save it with model.save()")
     return model
+
+
+@contextlib.contextmanager
+def _keras_warnings_silenced() -> Iterator[None]:
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_input_shape(model: tf.keras.Model, input_shape: tuple, num_classes: int, source: str) -> None:

@@ -41,6 +41,32 @@ def _number(value: Optional[float], digits: int = 2, unit: str = "") -> str:
     return f"{value:.{digits}f}{unit}"
 
 
+def _pareto_lines(pareto: Dict[str, Any]) -> List[str]:
+    """The Pareto table: one row per non-dominated model, cheapest first, and the pick."""
+    lines = ["", f"## Pareto front ({pareto.get('models')} models, validation accuracy vs {pareto.get('cost')})", "",
+             "Choose by budget: the table is cheapest first; `python -m hpo.pareto RUN_DIR --pick-size-kb KB` "
+             "(or `--pick-latency-ms MS`) picks the most accurate model that fits. The validation split "
+             "chooses (accuracy; equal accuracies: the lower validation loss); test accuracy is only reported.",
+             "", "| trial | test accuracy | validation accuracy | validation loss | MACs | KB | TFLite latency (ms) "
+             "| TFLite file |", "|---|---|---|---|---|---|---|---|"]
+    for row in pareto.get("rows", []):
+        size = row.get("bytes")
+        lines.append(f"| {row.get('trial')} | {_percent(row.get('accuracy'))} | "
+                     f"{_percent(row.get('validation_accuracy'))} | {_number(row.get('validation_loss'), 4)} | "
+                     f"{_number(row.get('macs'))} | "
+                     f"{_number(size / 1024 if size else None, 1)} | {_number(row.get('tflite_latency_ms'), 3)} | "
+                     f"`{row.get('tflite_path')}` |")
+    chosen = pareto.get("pick") or {}
+    if chosen.get("trial") is not None:
+        lines += ["", f"Picked: trial {chosen['trial']} ({chosen.get('why')})."]
+    elif chosen.get("why"):
+        lines += ["", f"Pick: {chosen['why']}."]
+    for dropped in pareto.get("dropped_after_finetuning", []):
+        lines.append(f"- trial {dropped['trial']} was dropped: after fine-tuning, trial {dropped['dominated_by']} "
+                     f"dominates it")
+    return lines
+
+
 def render_markdown(report: Dict[str, Any]) -> str:
     baseline = report.get("baseline") or {}
     best = report.get("best")
@@ -99,6 +125,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += ["", "Barriers (layers the channel analysis does not see through; the channels feeding them "
                       "are kept):", ""]
         lines += [f"- `{b['layer']}` ({b['class']}): {b['reason']}" for b in best["barriers"]]
+    if report.get("distillation"):
+        lines += ["", f"Fine-tuning distilled from the baseline: {report['distillation']}"]
+    if report.get("pareto"):
+        lines += _pareto_lines(report["pareto"])
     trials = report.get("trials") or {}
     if trials:
         lines += ["", f"Trials: {trials.get('completed', 0)} completed, {trials.get('failed', 0)} failed, "

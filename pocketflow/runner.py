@@ -8,6 +8,9 @@ import datetime
 import logging
 import os
 import platform
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,9 @@ from pocketflow.export import TFLiteMeasurement, export_and_measure, write_atomi
 from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
-from pocketflow.training import TrainSchedule, accuracy, resolve_schedule
+from hpo.pareto import check_run as check_pareto
+from learners.distillation import check_run as check_distillation, make_distiller
+from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class SearchOutcome:
     trials: Dict[str, int]
     reason: Optional[str] = None
     details: Dict[str, Any] = field(default_factory=dict)
+    # --objective pareto: the trials to finish ({number, params, hyperparameters, validation_accuracy, cost})
+    front: Optional[List[Dict[str, Any]]] = None
 
 
 def resolve_names(config: RunConfig) -> RunConfig:
@@ -111,39 +118,133 @@ class Runner:
         config = resolve_names(self.config)
         learner_class = LEARNERS.get(config.learner)
         learner_class.check_target(config.target)
+        check_distillation(learner_class, config)
+        check_pareto(learner_class, config)
         for name, section in config.learners.items():  # catch typos in every learner section
             LEARNERS.get(name).parse_options(section, "the configuration")
         self.options = learner_class.parse_options(config.learner_section(config.learner), "the configuration")
-        self.learner_class = learner_class
+        self.learner_class = learner_class.strategy(self.options, config.target)  # e.g. uniform below 8 bits
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
         self.config = dataclasses.replace(config, output_dir=str(output_dir))
         self.distributed = self.distributed or make_context()
         self.output_dir = output_dir
         if self.distributed.is_chief:
+            if learner_class.searches and config.hpo.storage:
+                from hpo.storage import open_storage, study_lock
+
+                # An unusable --storage fails now, not after the baseline; under the study's lock, so
+                # searchers starting together do not race to create the database's tables.
+                subject = config.net or Path(config.model).stem
+                with study_lock(config.hpo.storage, config.hpo.study_name or f"{config.learner}-{subject}"):
+                    open_storage(config.hpo.storage)
             self._claim_output_dir()
             write_atomic(output_dir / "config.yaml", self.config.to_yaml().encode())
             handler = logging.FileHandler(output_dir / "run.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger().addHandler(handler)
+            self._log_handler = handler
         self.distributed.barrier()
 
     def _claim_output_dir(self) -> None:
         directory = self.output_dir
         if directory.exists() and not directory.is_dir():
             raise UserError(f"--output-dir '{directory}' is a file; pass a directory path")
-        finished = (directory / "config.yaml").exists() or (directory / "report.json").exists()
-        if finished and not self.resume:
-            raise UserError(f"--output-dir '{directory}' already holds a run; pass --resume to continue it, "
-                            f"or choose another --output-dir")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             probe = directory / ".write-test"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
-            raise UserError(f"cannot write to --output-dir '{directory}' ({error.strerror}); "
+            raise UserError(f"cannot write to --output-dir '{directory}' ({error.strerror or error}); "
                             f"choose a writable directory") from None
-        self._lock = lock_directory(directory)
+        self._lock = lock_directory(directory)  # a live run there: refuse, whatever the directory holds
+        # A run leaves config.yaml from its start (a failed start removes it again: _discard_failed_start).
+        finished = (directory / "config.yaml").exists() or (directory / "report.json").exists()
+        if finished and not self.resume:
+            raise UserError(f"--output-dir '{directory}' already holds a run; pass --resume to continue it, "
+                            f"or choose another --output-dir")
+        if finished:  # resuming our run: a killed run's temporaries (write_atomic, save_model) go
+            for stale in [*directory.glob(".*.tmp"), *directory.glob(".saving-*")]:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        self._existing = set(os.listdir(directory))  # what this run must never remove
+        self._held_a_run = finished
+        self._claimed = True
+
+    # ------------------------------------------------------------------ stopping early
+    def _write_interrupted_report(self, interrupt: KeyboardInterrupt) -> None:
+        """Ctrl-C: report.json/report.md with status "interrupted", the trials so far and no best.
+
+        The search has already marked its current trial failed ('interrupted') and saved the study;
+        ``--resume`` runs that trial again and goes on.
+        """
+        if not getattr(self, "_claimed", False):
+            return
+        partial = self._partial
+        config = self.config
+        trials = getattr(interrupt, "trials", None) or partial.get("trials") or \
+            {"completed": 0, "failed": 0, "pruned": 0}
+        report: Dict[str, Any] = {
+            "pocketflow_version": __version__,
+            "learner": config.learner,
+            "net": config.net or Path(config.model).stem,
+            "dataset": partial.get("dataset", config.data.name),
+            "model_source": partial.get("model_source"),
+            "status": "interrupted",
+            "reason": "interrupted by the user (SIGINT) before the run finished; this report is partial "
+                      "(no best model): run the same command with --resume to continue",
+            "started": datetime.datetime.fromtimestamp(partial["started"]).isoformat(timespec="seconds"),
+            "world_size": self.distributed.size if self.distributed else 1,
+            "target": config.target.requested(),
+            "trials": trials,
+            "config_path": str(self.output_dir / "config.yaml"),
+            "environment": _environment(config),
+            "baseline": partial.get("baseline"),
+            "best": None,
+            "notes": self.notes,
+            "seconds": time.time() - partial["started"],
+        }
+        details = getattr(interrupt, "details", None) or partial.get("search")
+        if details:
+            report["search"] = details
+        with _sigint_deferred():
+            write_report(self.output_dir, report)
+        interrupt.note = (f"partial report in {self.output_dir / 'report.json'}; run the same command with "
+                          f"--resume to continue")
+
+    def _discard_failed_start(self) -> None:
+        """Bad input (or a diverging baseline) before any trial finished: remove what this run wrote
+        (config.yaml, baseline files, an empty study), so the directory does not look like it holds a
+        run and the corrected command can be run there again. run.log stays, for the record."""
+        if not getattr(self, "_claimed", False) or self._held_a_run:  # a resumed run's files are kept
+            return
+        directory = self.output_dir
+        try:
+            created = set(os.listdir(directory)) - self._existing
+        except OSError:
+            return
+        if created & {"trials.csv", "report.json"}:  # finished trials: --resume continues from them
+            return
+        for name in created - {"run.log", ".lock"}:
+            path = directory / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except OSError as error:
+                log.warning("could not remove %s after the failed start (%s)", path, error)
+
+    def _release(self) -> None:
+        """Close run.log and give the directory's lock back (the process may go on: tests, notebooks)."""
+        handler = getattr(self, "_log_handler", None)
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            self._log_handler = None
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     # ------------------------------------------------------------------ measuring
     def _measure(self, model: tf.keras.Model, dataset: Dataset, stem: str, modes: List[str]) -> Measurement:
@@ -165,6 +266,24 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Dict[str, Any]:
+        """The loop, with what happens when it stops early: Ctrl-C writes a partial report (status
+        "interrupted"); bad input or a diverging baseline leaves no half-written run behind."""
+        self._partial: Dict[str, Any] = {"started": time.time()}
+        try:
+            return self._run_loop()
+        except KeyboardInterrupt as interrupt:
+            try:
+                self._write_interrupted_report(interrupt)
+            except Exception as error:  # noqa: BLE001 - the interruption is what the user must see
+                log.warning("the partial report could not be written: %s", error)
+            raise
+        except (UserError, DivergenceError):
+            self._discard_failed_start()
+            raise
+        finally:
+            self._release()
+
+    def _run_loop(self) -> Dict[str, Any]:
         started = time.time()
         started_at = datetime.datetime.now().isoformat(timespec="seconds")
         self._prepare()
@@ -190,6 +309,8 @@ class Runner:
                                                     distributed=distributed,
                                                     use_cache=self.learner_class.searches)
         baseline = self._measure(baseline_model, dataset, "baseline", ["float"]) if distributed.is_chief else None
+        self._partial.update(dataset=dataset.name, model_source=source,
+                             baseline=baseline.fields() if baseline else None)
         if baseline:
             log.info("baseline: accuracy %.4f, %s MACs, %s params", baseline.accuracy,
                      f"{baseline.macs:,}", f"{baseline.params:,}")
@@ -202,6 +323,7 @@ class Runner:
             baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0)
         learner: Learner = self.learner_class(self.options, context)
         outcome = self._search_or_compress(learner, baseline_model, dataset)
+        self._partial.update(trials=outcome.trials, search=outcome.details)
 
         report: Dict[str, Any] = {
             "pocketflow_version": __version__,
@@ -223,17 +345,24 @@ class Runner:
         if outcome.details:
             report["search"] = outcome.details
 
-        if outcome.candidate is None:
+        if outcome.candidate is None and not outcome.front:
             report.update(status="target_not_met", reason=outcome.reason, seconds=time.time() - started)
             if distributed.is_chief:
                 write_report(self.output_dir, report)
             raise TargetNotMetError(f"{outcome.reason}; report written to {self.output_dir / 'report.json'}")
 
-        model = outcome.candidate
         finetune_epochs = self._finetune_epochs(schedule)
+        if outcome.front:  # --objective pareto: every front model is finished and listed
+            return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
+                                      finetune_epochs, started)
+        model = outcome.candidate
+        teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"))
         if learner.searches and finetune_epochs > 0:
-            log.info("fine-tuning the best candidate for %s epochs", finetune_epochs)
-            model = learner.finetune(model, finetune_epochs)
+            log.info("fine-tuning the best candidate for %s epochs%s", finetune_epochs,
+                     f", distilled from the baseline ({teacher.describe()})" if teacher else "")
+            model = learner.finetune(model, finetune_epochs, teacher=teacher)
+            if teacher:
+                report["distillation"] = teacher.describe()
         model = learner.finalize(model)
 
         if distributed.is_chief:
@@ -242,6 +371,25 @@ class Runner:
         if distributed.is_chief:
             write_report(self.output_dir, report)
         distributed.barrier()
+        return report
+
+    def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, dataset: Dataset,
+                      baseline: Optional[Measurement], outcome: SearchOutcome, report: Dict[str, Any],
+                      finetune_epochs: float, started: float) -> Dict[str, Any]:
+        """--objective pareto: fine-tune, export and measure every front model (hpo/pareto.py); the
+        report's ``best`` is the model picked by --pick-latency-ms/--pick-size-kb (else the most accurate)."""
+        from hpo.pareto import finish_front
+
+        finished = finish_front(self, learner, baseline_model, dataset, baseline, outcome, finetune_epochs)
+        report.update(pareto=finished["pareto"], best=finished["best"], seconds=time.time() - started)
+        if finished["reason"]:
+            report.update(status="target_not_met", reason=finished["reason"])
+        if self.distributed.is_chief:
+            write_report(self.output_dir, report)
+        self.distributed.barrier()
+        if finished["reason"]:
+            raise TargetNotMetError(f"{finished['reason']}; every front model is in "
+                                    f"{self.output_dir / 'pareto.csv'}")
         return report
 
     def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,
@@ -261,18 +409,21 @@ class Runner:
         return max(1.0, round(schedule.epochs * 0.2, 2))
 
     def _best_fields(self, learner: Learner, model: tf.keras.Model, dataset: Dataset,
-                     baseline: Measurement, outcome: SearchOutcome) -> Dict[str, Any]:
+                     baseline: Measurement, outcome: SearchOutcome,
+                     directory: Optional[Path] = None) -> Dict[str, Any]:
+        """Save, export and measure ``model`` (into ``directory``, default the run directory)."""
+        directory = directory or self.output_dir
         modes = ["float"] + ([self.config.export.quantize] if self.config.export.quantize != "none" else [])
-        model_path = save_model(model, self.output_dir / "model.keras")
+        model_path = save_model(model, directory / "model.keras")
         if not learner.searches and not self.config.model and self.config.export.quantize == "none":
             measured = dataclasses.replace(baseline)  # full-prec on a built net: the baseline is the result
         else:
-            measured = self._measure(model, dataset, "model", modes)
+            measured = self._measure(model, dataset, str(directory.relative_to(self.output_dir) / "model"), modes)
         best = measured.fields()
         best["model_path"] = str(model_path)
         best["hyperparameters"] = outcome.hyperparameters
         best.update(learner.describe(model))
-        artifacts = learner.write_artifacts(model, self.output_dir)
+        artifacts = learner.write_artifacts(model, directory)
         best.update(artifacts)
         shipped_bytes = artifacts.get("artifact_bytes", best["bytes"])
         base_bytes = baseline.fields()["bytes"]
@@ -285,6 +436,20 @@ class Runner:
                                    if base_latency and best["tflite_latency_ms"] else None)
         best["exports"] = {mode: m.as_dict() for mode, m in measured.tflite.items()}
         return best
+
+
+class _sigint_deferred:
+    """Hold back a second Ctrl-C for the few milliseconds it takes to write the partial report."""
+
+    def __enter__(self) -> None:
+        self.pending = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "pending", True))
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def lock_directory(directory: Path):

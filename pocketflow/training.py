@@ -123,6 +123,10 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     distributed = distributed or SingleProcess()
     if schedule.epochs <= 0:
         return []
+    # Every training starts from the same random state (data order, dropout, augmentation) whatever
+    # ran before it in this process: a baseline trained here or loaded from the cache, a search run
+    # straight through or killed and resumed, all train their candidates identically.
+    tf.random.set_seed(seed)
     batch_size = min(schedule.batch_size, max(1, data.num_train // distributed.size))
     steps_per_epoch = max(1, data.num_train // (batch_size * distributed.size))
     total_steps = max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))

@@ -19,12 +19,15 @@ import tensorflow as tf
 from learners.base import Learner, register_learner
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.selection import prune_model
+from learners.distillation import Distiller, distillation_loss
 from pocketflow.errors import ConfigError
 from pocketflow.training import from_trained, train
 
 log = logging.getLogger(__name__)
 
 UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
+STALE_BATCHNORM_FRACTION = 0.05  # re-estimate BatchNorm statistics when more of the old ones are left
+BATCHNORM_BATCHES = 20
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ChannelPruningLearner(Learner):
     name = "channel"
     Config = ChannelConfig
     targets = ("speedup",)
+    pareto_cost = "macs"  # --objective pareto: accuracy vs MACs (leave the target off for a spread)
 
     def __init__(self, options: ChannelConfig, context) -> None:
         super().__init__(options, context)
@@ -219,11 +223,30 @@ class ChannelPruningLearner(Learner):
         return pruned
 
     def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
-              description="fine-tune")
+              loss_function=distillation_loss(teacher, model), description="fine-tune")
+        self._settle_batchnorm(model, schedule)
         return model
+
+    def _settle_batchnorm(self, model: tf.keras.Model, schedule) -> None:
+        """After a fine-tuning too short for BatchNorm's moving averages (momentum 0.99) to forget the
+        pre-training values (more than 5% of them left), re-estimate them from training batches;
+        otherwise the model is evaluated with statistics of weights it no longer has (a 0.3-epoch
+        fine-tuning of a pruned digits CNN: 96.5% -> 88.9% validation accuracy, 98.6% with fresh ones)."""
+        from learners.weight_sparsification.schedule import batchnorm_layers, recalibrate_batchnorm, training_steps
+
+        layers = batchnorm_layers(model)
+        if not layers:
+            return
+        steps = training_steps(self.context.dataset, schedule, self.context.distributed.size)
+        left = max(layer.momentum for layer in layers) ** steps
+        if left > STALE_BATCHNORM_FRACTION:
+            done = recalibrate_batchnorm(model, self.context.dataset, BATCHNORM_BATCHES, schedule.batch_size,
+                                         seed=self.context.seed)
+            log.info("fine-tuning took %d steps (%.0f%% of BatchNorm's old statistics left): re-estimated them "
+                     "from %d training batches", steps, 100 * left, done)
 
     def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
         if self._analysis is None:

@@ -8,7 +8,10 @@ int8 TFLite file of the method chosen (QAT unless ``method: ptq`` or ``qat_epoch
 ``finalize`` returns the plain float Keras model holding the QAT-trained weights.
 
 Targets: ``--target-bits 8`` (or more) and ``--target-compression`` up to what int8 reaches.
-Fewer than 8 bits needs the mixed-precision path, which this learner does not have yet.
+Fewer bits (``--target-bits 4``, ``uniform.bits: 4``, ``mode: mixed``, or a compression target
+above ``INT8_COMPRESSION_LIMIT``) hand the run to the mixed low-bit strategy in
+``learners.uniform_quantization.mixed`` (``UniformQuantizationLearner.strategy``): per-layer
+2..8-bit weights chosen by the search, shipped as a bit-packed file.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any, Dict, List, Literal, Optional
 import tensorflow as tf
 
 from learners.base import Learner, register_learner
+from learners.distillation import Distiller, distillation_loss
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
+from pocketflow.config import TargetConfig
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteMeasurement, TFLiteModel, export_and_measure, tflite_accuracy
 from pocketflow.metrics import count_params
@@ -30,6 +35,8 @@ from pocketflow.training import from_trained, train
 log = logging.getLogger(__name__)
 
 INT8_BITS = 8.0
+INT8_COMPRESSION_LIMIT = 3.0  # mode auto: a --target-compression above this goes to the low-bit path
+DEFAULT_LOW_BITS = 4.0  # mode mixed without --target-bits / bits / --target-compression
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,36 @@ class UniformConfig:
     compare_dynamic: bool = True  # also export and time the dynamic-range TFLite, for the report
     threads: int = 1  # interpreter threads for the latency measurements
     latency_runs: int = 50
+    # Which path: int8 (TFMOT QAT / post-training int8 TFLite) or mixed (per-layer 2..8-bit weights,
+    # packed file). auto: mixed when the target asks for fewer than 8 bits (--target-bits < 8,
+    # bits < 8, or --target-compression above INT8_COMPRESSION_LIMIT), else int8.
+    mode: Literal["auto", "int8", "mixed"] = "auto"
+    bits: Optional[int] = None  # --bits: 8 = the int8 path; 2..7 = low-bit at this average (the budget)
+    # ---- the mixed low-bit path (learners/uniform_quantization/mixed.py)
+    # sensitivity: the optimizer searches how strongly measured per-layer sensitivity shapes the
+    # allocation (one parameter); free: one proposal per layer (HAQ-style); uniform: every layer alike.
+    allocation: Literal["sensitivity", "free", "uniform"] = "sensitivity"
+    scheme: Literal["asymmetric", "symmetric", "search"] = "asymmetric"  # per-channel; search: optimizer
+    min_bits: int = 2
+    max_bits: int = 8
+    clip: Literal["mse", "minmax"] = "mse"  # per-channel clipping ratio with the least squared error, or none
+    recovery_epochs: float = 0.1  # STE training of every candidate before it is scored
+    # Learning rates as fractions of the net's from-scratch rate. A candidate's short recovery uses a
+    # small one: a few steps at the usual fine-tuning rate (0.1) knock a pretrained model off its
+    # minimum by more than they recover (shared ResNet-20, 18 steps at 8 bits: -1.2 points test).
+    recovery_learning_rate: float = 0.01
+    finetune_learning_rate: float = 0.1
+    # BatchNorm during low-bit training: freeze (inference mode: the baseline's statistics and affine
+    # are kept; a pretrained model's statistics may come from augmentation this pipeline does not
+    # reproduce), recalibrate (train it, then re-estimate the statistics on calibration_batches
+    # training batches), or train (train it, keep the moving averages).
+    batchnorm: Literal["freeze", "recalibrate", "train"] = "freeze"
+    calibration_batches: int = 20
+    sensitivity_samples: int = 256  # training images for the per-layer sensitivity (KL divergence)
+    probe_bits: Optional[int] = None  # sensitivity measured at this width; None: one below the budget
+    max_power: float = 2.0  # upper end of the searched sensitivity power
+    fold_batchnorm: bool = True  # fold BatchNorm into the preceding conv/dense in the shipped file
+    int8_activations: bool = True  # also export + measure an int8-activation TFLite of the packed weights
 
     def __post_init__(self) -> None:
         if self.qat_epochs is not None and self.qat_epochs < 0:
@@ -52,6 +89,43 @@ class UniformConfig:
                               f"range: it must be >= 1")
         if self.threads < 1 or self.latency_runs < 1:
             raise ConfigError("uniform.threads and uniform.latency_runs must be >= 1")
+        if self.bits is not None and not 2 <= self.bits <= 8:
+            raise ConfigError(f"uniform.bits = {self.bits} is out of range: it must be in [2, 8] (8: int8 TFLite; "
+                              f"2-7: packed low-bit weights)")
+        if not 2 <= self.min_bits <= self.max_bits <= 8:
+            raise ConfigError(f"uniform.min_bits = {self.min_bits}, max_bits = {self.max_bits} are out of range: "
+                              f"they must satisfy 2 <= min_bits <= max_bits <= 8")
+        if self.recovery_epochs < 0:
+            raise ConfigError(f"uniform.recovery_epochs = {self.recovery_epochs} is out of range: it must be >= 0")
+        for name in ("recovery_learning_rate", "finetune_learning_rate"):
+            if not 0.0 < getattr(self, name) <= 10.0:
+                raise ConfigError(f"uniform.{name} = {getattr(self, name)} is out of range: it must be in (0, 10] "
+                                  f"(a fraction of the net's learning rate)")
+        if self.calibration_batches < 0 or self.sensitivity_samples < 1:
+            raise ConfigError(f"uniform.calibration_batches = {self.calibration_batches} must be >= 0 and "
+                              f"uniform.sensitivity_samples = {self.sensitivity_samples} >= 1")
+        if self.probe_bits is not None and not 2 <= self.probe_bits <= 8:
+            raise ConfigError(f"uniform.probe_bits = {self.probe_bits} is out of range: it must be in [2, 8]")
+        if not self.max_power > 0:
+            raise ConfigError(f"uniform.max_power = {self.max_power} is out of range: it must be > 0")
+        if self.mode == "int8" and self.bits is not None and self.bits < 8:
+            raise ConfigError(f"uniform.mode = int8 conflicts with uniform.bits = {self.bits}; drop one of them")
+        if self.mode == "mixed" and self.bits == 8:
+            raise ConfigError("uniform.mode = mixed conflicts with uniform.bits = 8 (the int8 path); drop one of them")
+
+    def low_bit(self, target: TargetConfig) -> bool:
+        """True when these options and ``target`` need the mixed low-bit path (see ``mode``)."""
+        wants_low = ((target.bits is not None and target.bits < INT8_BITS)
+                     or (self.bits is not None and self.bits < INT8_BITS)
+                     or (target.compression is not None and target.compression > INT8_COMPRESSION_LIMIT))
+        int8_only = self.mode == "int8" or self.bits == 8
+        if int8_only and target.bits is not None and target.bits < INT8_BITS:
+            raise ConfigError(f"--target-bits {target.bits:g} needs fewer than 8 bits, but "
+                              f"{'uniform.bits = 8' if self.bits == 8 else 'uniform.mode = int8'} selects the int8 "
+                              f"path; drop it (the low-bit path is chosen from the target)")
+        if self.mode == "mixed":
+            return True
+        return wants_low and not int8_only
 
     @property
     def trains(self) -> bool:
@@ -63,6 +137,15 @@ class UniformQuantizationLearner(Learner):
     name = "uniform"
     Config = UniformConfig
     targets = ("bits", "compression")
+
+    @classmethod
+    def strategy(cls, options: UniformConfig, target: TargetConfig) -> type:
+        """int8 (this class) or, below 8 bits, the mixed low-bit learner (same options section)."""
+        if options.low_bit(target):
+            from learners.uniform_quantization.mixed import MixedPrecisionLearner
+
+            return MixedPrecisionLearner
+        return cls
 
     def __init__(self, options: UniformConfig, context) -> None:
         super().__init__(options, context)
@@ -106,13 +189,13 @@ class UniformQuantizationLearner(Learner):
         return self._qat_model
 
     def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
         if self._qat_model is None or model is not self._qat_model:
             return model  # PTQ: nothing to train
         epochs = self.options.qat_epochs if self.options.qat_epochs is not None else epochs
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
-              description="QAT fine-tune")
+              loss_function=distillation_loss(teacher, model), description="QAT fine-tune")
         self._trained_epochs = epochs
         return model
 

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from learners.base import Learner, register_learner
+from learners.distillation import Distiller, distillation_loss
 from learners.weight_sparsification import artifact
 from learners.weight_sparsification.artifact import SizeModel, ceil_zeros, solve_zeros
 from learners.weight_sparsification.masks import (
@@ -118,6 +119,7 @@ class WeightSparseLearner(Learner):
     name = "weight-sparse"
     Config = WeightSparseConfig
     targets = ("sparsity", "compression")
+    pareto_cost = None  # its candidates all sit at the target; a size front would need the sparsity searched
 
     def __init__(self, options: WeightSparseConfig, context) -> None:
         super().__init__(options, context)
@@ -347,7 +349,7 @@ class WeightSparseLearner(Learner):
 
     # ------------------------------------------------------------------ the winner
     def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[tf.keras.Model] = None) -> tf.keras.Model:
+                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
         state = self._state(model)
         if state is None:
             raise RuntimeError("finetune() takes the model the last compress() returned")
@@ -367,7 +369,8 @@ class WeightSparseLearner(Learner):
             hook = FixedMasks(self._masks)
             description = "fine-tune"
         train(model, self.context.dataset, schedule, distributed=self.context.distributed,
-              seed=self.context.seed, after_step=hook, description=description)
+              seed=self.context.seed, after_step=hook, loss_function=distillation_loss(teacher, model),
+              description=description)
         hook.finish()
         self._recalibrate(model)
         return model

@@ -1,0 +1,191 @@
+"""Knowledge distillation: a component (teacher + loss) that any learner's fine-tuning accepts.
+
+The teacher is the uncompressed baseline, frozen (called with ``training=False`` and behind
+``stop_gradient``, so neither its weights nor its BatchNorm statistics move) and evaluated
+once per training batch on the same (augmented) images as the student. The loss is
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels, student)
+
+(Hinton et al. 2015): T softens both distributions, and T^2 keeps the soft term's gradient
+on the same scale as the hard term's when T changes. ``alpha = 0`` is plain cross-entropy.
+
+A learner uses it with one argument to the shared training loop::
+
+    train(model, ..., loss_function=distillation_loss(teacher, model))
+
+where ``teacher`` is what the runner passed to ``finetune`` (a ``Distiller`` or None). Under
+Horovod every rank runs its own copy of the teacher on its own shard: the teacher is the same
+on every rank (the baseline is broadcast or loaded identically), so nothing extra is exchanged.
+
+T and alpha are hyperparameters: fixed in the ``distillation:`` section, or ``search`` to let
+the optimizer tune them (``suggest``); the search then fine-tunes every trial's candidate
+briefly with its own T and alpha before scoring it, so the choice is measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping, Optional, Union
+
+import tensorflow as tf
+
+from pocketflow.config import DistillationConfig, RunConfig
+from pocketflow.errors import ConfigError
+from pocketflow.training import LossFunction, outputs_probabilities
+
+log = logging.getLogger(__name__)
+
+TEMPERATURE_PARAM = "distill_temperature"
+ALPHA_PARAM = "distill_alpha"
+_PROBABILITY_FLOOR = 1e-7
+
+
+def _as_logits(outputs: tf.Tensor, probabilities: bool) -> tf.Tensor:
+    """Logits, or log-probabilities for a model that ends in softmax (softmax(log p / T) is the same
+    tempered distribution as softmax(z / T) for the logits z behind p)."""
+    outputs = tf.cast(outputs, tf.float32)
+    if probabilities:
+        return tf.math.log(tf.clip_by_value(outputs, _PROBABILITY_FLOOR, 1.0))
+    return outputs
+
+
+def distillation_loss_value(labels: tf.Tensor, student_logits: tf.Tensor, teacher_logits: tf.Tensor,
+                            temperature: float, alpha: float) -> tf.Tensor:
+    """alpha * T^2 * mean KL(teacher_T || student_T) + (1 - alpha) * mean cross-entropy (from logits)."""
+    student_logits = tf.cast(student_logits, tf.float32)
+    teacher_logits = tf.stop_gradient(tf.cast(teacher_logits, tf.float32))
+    loss = tf.constant(0.0, tf.float32)
+    if alpha > 0.0:
+        teacher_log_p = tf.nn.log_softmax(teacher_logits / temperature, axis=-1)
+        student_log_p = tf.nn.log_softmax(student_logits / temperature, axis=-1)
+        kl = tf.reduce_sum(tf.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+        loss += alpha * temperature ** 2 * tf.reduce_mean(kl)
+    if alpha < 1.0:
+        cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(tf.reshape(labels, [-1]), tf.int32), logits=student_logits)
+        loss += (1.0 - alpha) * tf.reduce_mean(cross_entropy)
+    return loss
+
+
+class Distiller:
+    """A frozen teacher and the distillation loss parameters; shared by every student of a run."""
+
+    def __init__(self, teacher: tf.keras.Model, temperature: float = 4.0, alpha: float = 0.9) -> None:
+        check_values(temperature, alpha)
+        self.teacher = teacher
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self._teacher_probabilities = outputs_probabilities(teacher)
+
+    def with_values(self, temperature: float, alpha: float) -> "Distiller":
+        """The same teacher with other loss parameters (a trial's T and alpha)."""
+        return Distiller(self.teacher, temperature, alpha)
+
+    def teacher_logits(self, images: tf.Tensor) -> tf.Tensor:
+        return tf.stop_gradient(_as_logits(self.teacher(images, training=False), self._teacher_probabilities))
+
+    def loss_for(self, student: tf.keras.Model) -> LossFunction:
+        """The training loss for ``student``: (images, labels, student outputs) -> scalar."""
+        student_probabilities = outputs_probabilities(student)
+        temperature, alpha = self.temperature, self.alpha
+
+        def distillation(images: tf.Tensor, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
+            return distillation_loss_value(labels, _as_logits(outputs, student_probabilities),
+                                           self.teacher_logits(images), temperature, alpha)
+
+        return distillation
+
+    def describe(self) -> Dict[str, float]:
+        return {"temperature": self.temperature, "alpha": self.alpha}
+
+    def __repr__(self) -> str:
+        return f"Distiller(teacher={self.teacher.name!r}, temperature={self.temperature}, alpha={self.alpha})"
+
+
+Teacher = Union[Distiller, tf.keras.Model, None]
+
+
+def as_distiller(teacher: Teacher) -> Optional[Distiller]:
+    """A Distiller from what a learner's ``finetune`` received (a bare Keras model gets the defaults)."""
+    if teacher is None or isinstance(teacher, Distiller):
+        return teacher
+    if isinstance(teacher, tf.keras.Model):
+        defaults = DistillationConfig()
+        return Distiller(teacher, float(defaults.temperature), float(defaults.alpha))
+    raise TypeError(f"teacher must be a Distiller, a Keras model or None, not {type(teacher).__name__}")
+
+
+def distillation_loss(teacher: Teacher, student: tf.keras.Model) -> Optional[LossFunction]:
+    """The loss a learner passes to ``train``: distillation with ``teacher``, or None (cross-entropy)."""
+    distiller = as_distiller(teacher)
+    return distiller.loss_for(student) if distiller is not None else None
+
+
+def check_values(temperature: float, alpha: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"distillation temperature must be > 0, not {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], not {alpha}")
+
+
+# --------------------------------------------------------------------------- the search's side
+
+
+def searched(config: DistillationConfig) -> bool:
+    """True when the optimizer chooses T or alpha (each trial is then fine-tuned with distillation)."""
+    return config.enabled and (config.temperature == "search" or config.alpha == "search")
+
+
+def suggest(trial: Any, config: DistillationConfig) -> Dict[str, float]:
+    """T and alpha for one trial: suggested where the config says ``search``, fixed otherwise."""
+    if config.temperature == "search":
+        low, high = config.temperature_range
+        temperature = trial.suggest_float(TEMPERATURE_PARAM, low, high, log=True)
+    else:
+        temperature = float(config.temperature)
+    if config.alpha == "search":
+        low, high = config.alpha_range
+        alpha = trial.suggest_float(ALPHA_PARAM, low, high)
+    else:
+        alpha = float(config.alpha)
+    return {"temperature": temperature, "alpha": alpha}
+
+
+def reference_values(config: DistillationConfig) -> Dict[str, float]:
+    """Parameters of the reference trial for searched T/alpha: the middle of each range (log middle for T)."""
+    params: Dict[str, float] = {}
+    if config.temperature == "search":
+        low, high = config.temperature_range
+        params[TEMPERATURE_PARAM] = float((low * high) ** 0.5)
+    if config.alpha == "search":
+        low, high = config.alpha_range
+        params[ALPHA_PARAM] = (low + high) / 2.0
+    return params
+
+
+def make_distiller(config: DistillationConfig, teacher: tf.keras.Model,
+                   chosen: Optional[Mapping[str, Any]] = None) -> Optional[Distiller]:
+    """The run's Distiller (None when distillation is off); ``chosen`` holds a trial's T and alpha."""
+    if not config.enabled:
+        return None
+    chosen = dict(chosen or {})
+    temperature = chosen.get("temperature", config.temperature)
+    alpha = chosen.get("alpha", config.alpha)
+    if temperature == "search" or alpha == "search":  # no trial chose them (e.g. a learner that does not search)
+        middle = reference_values(config)
+        temperature = middle.get(TEMPERATURE_PARAM, temperature)
+        alpha = middle.get(ALPHA_PARAM, alpha)
+    return Distiller(teacher, float(temperature), float(alpha))
+
+
+def check_run(learner_class: type, config: RunConfig) -> None:
+    """Reject --distill where there is no fine-tuning to distil, before any work is done."""
+    if not config.distillation.enabled:
+        return
+    if not learner_class.searches:
+        raise ConfigError(f"--distill distils the fine-tuning of a compressed model, and learner "
+                          f"'{learner_class.name}' does not fine-tune one (it trains or evaluates the baseline); "
+                          f"use it with a compressing learner (--learner channel, weight-sparse, uniform, ...) "
+                          f"or drop --distill")
+    if config.train.finetune_epochs == 0 and not searched(config.distillation):
+        log.warning("--distill with --finetune-epochs 0: there is no fine-tuning, so the teacher is not used")

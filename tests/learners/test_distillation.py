@@ -1,0 +1,265 @@
+"""Distillation: the loss numerics (known answers), the frozen teacher, every learner's fine-tuning
+taking the teacher, the configuration checks, and `main.py --distill` end to end on digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+import tensorflow as tf
+
+from learners.base import LEARNERS, LearnerContext
+from learners.distillation import (Distiller, as_distiller, check_run, distillation_loss, distillation_loss_value,
+                                   make_distiller, reference_values, suggest)
+from nets.digits_cnn import build_digits_cnn
+from pocketflow.config import DataConfig, DistillationConfig, TargetConfig, build_run_config
+from pocketflow.data import load_dataset
+from pocketflow.distributed import SingleProcess
+from pocketflow.errors import ConfigError
+from pocketflow.training import TrainSchedule, train
+from tests.conftest import ROOT
+
+LOGITS_S = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
+LOGITS_T = np.array([[1.5, 1.0, -0.5], [-1.0, 0.0, 2.0]], np.float32)
+LABELS = np.array([0, 2], np.int64)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _reference(s: np.ndarray, t: np.ndarray, labels: np.ndarray, temperature: float, alpha: float) -> float:
+    """The formula in numpy: alpha T^2 KL(p_t || p_s) + (1 - alpha) CE, both averaged over the batch."""
+    p_s, p_t = _softmax(s / temperature), _softmax(t / temperature)
+    kl = np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1).mean()
+    ce = -np.log(_softmax(s)[np.arange(len(labels)), labels]).mean()
+    return float(alpha * temperature ** 2 * kl + (1 - alpha) * ce)
+
+
+def _loss(temperature: float, alpha: float, s=LOGITS_S, t=LOGITS_T) -> float:
+    return float(distillation_loss_value(tf.constant(LABELS), tf.constant(s), tf.constant(t), temperature, alpha))
+
+
+# --------------------------------------------------------------------------- numerics
+
+
+def test_alpha_zero_is_plain_cross_entropy():
+    expected = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)(LABELS, LOGITS_S).numpy()
+    assert _loss(4.0, 0.0) == pytest.approx(float(expected), rel=1e-6)
+    assert _loss(1.0, 0.0) == pytest.approx(float(expected), rel=1e-6)  # T does not touch the hard term
+
+
+def test_known_answer_against_numpy():
+    for temperature, alpha in ((1.0, 1.0), (2.0, 0.5), (4.0, 0.9), (0.5, 0.3)):
+        assert _loss(temperature, alpha) == pytest.approx(_reference(LOGITS_S, LOGITS_T, LABELS, temperature, alpha),
+                                                          rel=1e-5)
+    # One hand-checkable value: T = 1, alpha = 1 is KL(p_t || p_s) of the two rows, averaged.
+    p_s, p_t = _softmax(LOGITS_S), _softmax(LOGITS_T)
+    assert _loss(1.0, 1.0) == pytest.approx(float(np.mean(np.sum(p_t * np.log(p_t / p_s), axis=-1))), rel=1e-5)
+
+
+def test_t_squared_scaling_and_zero_when_student_equals_teacher():
+    p_s, p_t = _softmax(LOGITS_S / 3.0), _softmax(LOGITS_T / 3.0)
+    kl_at_3 = float(np.mean(np.sum(p_t * np.log(p_t / p_s), axis=-1)))
+    assert _loss(3.0, 1.0) == pytest.approx(9.0 * kl_at_3, rel=1e-5)
+    assert _loss(5.0, 1.0, s=LOGITS_T, t=LOGITS_T) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_gradient_is_t_times_the_probability_gap():
+    """d/ds [T^2 KL] = T (softmax(s/T) - softmax(t/T)) per example (/ batch for the mean): the T^2
+    factor keeps the soft gradient on the scale of the hard one as T grows (Hinton et al.)."""
+    for temperature in (1.0, 2.0, 8.0):
+        student = tf.Variable(LOGITS_S)
+        with tf.GradientTape() as tape:
+            loss = distillation_loss_value(tf.constant(LABELS), student, tf.constant(LOGITS_T), temperature, 1.0)
+        gradient = tape.gradient(loss, student).numpy()
+        expected = temperature * (_softmax(LOGITS_S / temperature) - _softmax(LOGITS_T / temperature)) / len(LABELS)
+        np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_no_gradient_reaches_the_teacher():
+    teacher = tf.Variable(LOGITS_T)
+    with tf.GradientTape() as tape:
+        loss = distillation_loss_value(tf.constant(LABELS), tf.constant(LOGITS_S), teacher, 2.0, 0.7)
+    assert tape.gradient(loss, teacher) is None
+
+
+def _pair(softmax_student: bool):
+    inputs = tf.keras.Input((4,))
+    teacher = tf.keras.Model(inputs, tf.keras.layers.Dense(3, name="t")(inputs))
+    student_inputs = tf.keras.Input((4,))
+    student = tf.keras.Model(student_inputs, tf.keras.layers.Dense(
+        3, activation="softmax" if softmax_student else None, name="s")(student_inputs))
+    return teacher, student
+
+
+def test_softmax_outputs_give_the_same_loss_as_logits():
+    teacher, logits_student = _pair(False)
+    _, softmax_student = _pair(True)
+    softmax_student.set_weights(logits_student.get_weights())
+    images = tf.constant(np.random.default_rng(0).normal(size=(5, 4)), tf.float32)
+    labels = tf.constant([0, 1, 2, 1, 0])
+    distiller = Distiller(teacher, 3.0, 0.6)
+    from_logits = distiller.loss_for(logits_student)(images, labels, logits_student(images))
+    from_probabilities = distiller.loss_for(softmax_student)(images, labels, softmax_student(images))
+    assert float(from_probabilities) == pytest.approx(float(from_logits), rel=1e-4)
+
+
+def test_teacher_forms_and_values():
+    teacher, student = _pair(False)
+    assert distillation_loss(None, student) is None
+    default = as_distiller(teacher)
+    assert (default.temperature, default.alpha) == (4.0, 0.9)
+    assert as_distiller(default) is default
+    with pytest.raises(TypeError, match="teacher"):
+        as_distiller("baseline")
+    with pytest.raises(ValueError, match="alpha"):
+        Distiller(teacher, 2.0, 1.5)
+    assert default.with_values(2.0, 0.5).describe() == {"temperature": 2.0, "alpha": 0.5}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_errors_name_the_value_and_the_fix():
+    with pytest.raises(ConfigError, match=r"distillation.temperature = 0 .*> 0 or 'search'"):
+        DistillationConfig(enabled=True, temperature=0)
+    with pytest.raises(ConfigError, match=r"distillation.alpha = 1.5"):
+        DistillationConfig(enabled=True, alpha=1.5)
+    with pytest.raises(ConfigError, match="--distill"):
+        DistillationConfig(temperature="search")
+    with pytest.raises(ConfigError, match="temperature_range"):
+        DistillationConfig(enabled=True, temperature_range=(4.0, 2.0))
+    with pytest.raises(ConfigError, match=r"distillation.temperature = 'hot'"):
+        build_run_config({"distillation": {"enabled": True, "temperature": "hot"}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match="unknown key 'distillation.temprature'"):
+        build_run_config({"distillation": {"temprature": 2}}, LEARNERS.names())
+    config = build_run_config({"learner": "full-prec", "distillation": {"enabled": True}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match="does not fine-tune"):
+        check_run(LEARNERS.get("full-prec"), config)
+    check_run(LEARNERS.get("channel"), config)
+
+
+def test_searched_values_suggest_reference_and_make():
+    config = DistillationConfig(enabled=True, temperature="search", alpha="search")
+    middle = reference_values(config)
+    assert middle["distill_temperature"] == pytest.approx(np.sqrt(10.0))
+    chosen = suggest(optuna.trial.FixedTrial(middle), config)
+    assert chosen == {"temperature": pytest.approx(np.sqrt(10.0)), "alpha": pytest.approx(0.625)}
+    teacher, _ = _pair(False)
+    assert make_distiller(DistillationConfig(), teacher) is None
+    made = make_distiller(config, teacher, {"temperature": 2.5, "alpha": 0.4})
+    assert (made.temperature, made.alpha) == (2.5, 0.4)
+    assert make_distiller(config, teacher).temperature == pytest.approx(np.sqrt(10.0))  # no trial chose: middle
+
+
+# --------------------------------------------------------------------------- training with a teacher
+
+
+class SpyDistiller(Distiller):
+    """Counts the students it builds a loss for, so a test sees that a learner used the teacher."""
+
+    students = 0
+
+    def loss_for(self, student):
+        SpyDistiller.students += 1
+        return super().loss_for(student)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(name="digits"), seed=0)
+
+
+def _teacher(digits) -> tf.keras.Model:
+    """An untrained digits CNN: the plumbing, not the accuracy, is under test here."""
+    return build_digits_cnn(digits.input_shape, digits.num_classes, width=8)
+
+
+def test_the_teacher_stays_frozen_while_the_student_learns(digits):
+    teacher = _teacher(digits)
+    student = tf.keras.models.clone_model(teacher)
+    student.set_weights(teacher.get_weights())
+    before_teacher = [w.copy() for w in teacher.get_weights()]  # BatchNorm moving statistics included
+    before_student = [w.copy() for w in student.get_weights()]
+    losses = train(student, digits, TrainSchedule(0.2, 32, 0.05, "cosine", "sgd", 0.0, False), seed=0,
+                   loss_function=distillation_loss(Distiller(teacher, 4.0, 0.9), student))
+    assert losses and all(np.isfinite(losses))
+    assert all(np.array_equal(a, b) for a, b in zip(before_teacher, teacher.get_weights()))
+    assert not all(np.array_equal(a, b) for a, b in zip(before_student, student.get_weights()))
+
+
+def test_every_registered_learner_accepts_a_teacher():
+    import inspect
+
+    for name in LEARNERS.names():
+        parameters = inspect.signature(LEARNERS.get(name).finetune).parameters
+        assert "teacher" in parameters, f"learner '{name}': finetune() has no teacher parameter"
+
+
+LEARNER_CASES = {
+    "channel": (TargetConfig(speedup=1.5), {"criterion": "l1", "mode": "uniform"}),
+    "weight-sparse": (TargetConfig(sparsity=0.5), {"mode": "uniform", "protect": "none", "recovery_epochs": 0.0,
+                                                    "calibration_batches": 2}),
+    "uniform": (TargetConfig(bits=8), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEARNER_CASES))
+def test_every_learner_fine_tunes_with_the_teacher(name, digits):
+    """The fast path of each learner: compress, then finetune(teacher=...) builds the distilled loss."""
+    target, options = LEARNER_CASES[name]
+    learner_class = LEARNERS.get(name)
+    teacher = _teacher(digits)
+    before = [w.copy() for w in teacher.get_weights()]
+    context = LearnerContext(dataset=digits, schedule=TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False),
+                             target=target, distributed=SingleProcess(), seed=0,
+                             baseline_macs=1, baseline_tflite_bytes=0)
+    learner = learner_class(learner_class.parse_options(options, "the test"), context)
+    learner.reachable(teacher)
+    hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+    candidate = learner.compress(teacher, hparams)
+    SpyDistiller.students = 0
+    tuned = learner.finetune(candidate, 0.1, teacher=SpyDistiller(teacher, 2.0, 0.5))
+    assert SpyDistiller.students == 1, f"{name}.finetune did not pass the teacher's loss to train()"
+    learner.finalize(tuned)
+    assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def shared_cache(tmp_path_factory) -> str:
+    """One baseline cache for the end-to-end tests of this session (the digits baseline is trained once)."""
+    path = tmp_path_factory.getbasetemp() / "distill-pareto-cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+E2E_BASELINE_EPOCHS = "20"  # enough steps for BatchNorm moving statistics to settle (8 are not)
+
+
+def test_main_distill_with_searched_temperature_and_alpha(tmp_path, tmp_path_factory):
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "main.py"), "--learner=channel", "--target-speedup", "2", "--trials", "2",
+               "--epochs", E2E_BASELINE_EPOCHS, "--finetune-epochs", "0.3", "--latency-runs", "5",
+               "--distill", "--distill-temperature", "search", "--distill-alpha", "search",
+               "--set", "distillation.search_epochs=0.1", "--output-dir", str(out)]
+    env = dict(os.environ, POCKETFLOW_CACHE_DIR=shared_cache(tmp_path_factory))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    chosen = report["best"]["hyperparameters"]["distillation"]
+    assert 1.0 <= chosen["temperature"] <= 10.0 and 0.3 <= chosen["alpha"] <= 0.95
+    assert report["distillation"] == chosen  # the final fine-tuning used the chosen trial's T and alpha
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert len(rows) == 2 and all("distill_temperature" in json.loads(row["params"]) for row in rows)
+    assert "distilled from the baseline" in result.stderr
+    assert "distillation:" in (out / "config.yaml").read_text()

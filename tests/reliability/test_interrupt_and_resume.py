@@ -1,0 +1,144 @@
+"""Ctrl-C, kill -9 and --resume on a real search (main.py in subprocesses), and the lock that keeps
+a second run out of a directory in use.
+
+One uninterrupted reference run; then the same command is interrupted with SIGINT mid-trial,
+resumed and killed with SIGKILL after it finishes a trial, and resumed again: the finished study
+and the report must match the reference (same trials, same values, same winner, same accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.reliability.common import expect_user_error, main_command, run_main, subprocess_env
+
+pytestmark = pytest.mark.reliability
+
+TRIALS = 4
+COMMAND = ["--learner", "channel", "--target-speedup", "2", "--trials", str(TRIALS), "--sampler", "random",
+           "--seed", "3", "--epochs", "0.3", "--finetune-epochs", "0.1", "--export", "none"]
+WAIT = 240  # seconds any one step may take on a loaded 2-core machine
+
+
+def _states(directory: Path) -> List[Tuple[int, str]]:
+    database = directory / "study.db"
+    if not database.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+    except sqlite3.Error:  # the searcher is creating the schema
+        return []
+
+
+def _wait_for(process: subprocess.Popen, condition, what: str) -> None:
+    deadline = time.time() + WAIT
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before {what}:\n"
+                                 f"{process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _completed(directory: Path) -> int:
+    return sum(state == "COMPLETE" for _, state in _states(directory))
+
+
+def _start(directory: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(main_command(*COMMAND, "--output-dir", str(directory), *extra), cwd=ROOT,
+                            env=subprocess_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _trials(directory: Path) -> List[Dict[str, str]]:
+    return list(csv.DictReader(open(directory / "trials.csv")))
+
+
+def _completed_sequence(directory: Path) -> List[Tuple[str, str, str]]:
+    """(params, validation accuracy, speedup) of the completed trials, in the order they ran."""
+    return [(row["params"], row["validation_accuracy"], row["speedup"]) for row in _trials(directory)
+            if row["state"] == "COMPLETE"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("baseline-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache) -> Path:
+    """The search run straight through (it also trains and caches the baseline the others load)."""
+    directory = tmp_path_factory.mktemp("reference") / "run"
+    result = run_main(*COMMAND, "--output-dir", str(directory), cache_dir=cache, timeout=WAIT * 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return directory
+
+
+def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, capsys, cache, reference):
+    run = tmp_path / "run"
+
+    # 1. Ctrl-C in the middle of a trial.
+    first = _start(run, cache)
+    _wait_for(first, lambda: _completed(run) >= 1, "the first trial finished")
+    # A second run on the same directory refuses while the first is alive, with or without --resume.
+    for extra in ([], ["--resume"]):
+        expect_user_error(capsys, [*COMMAND, "--output-dir", str(run), *extra], "is in use by a running job",
+                          "choose another --output-dir")
+    _wait_for(first, lambda: any(state == "RUNNING" and number >= 1 for number, state in _states(run)),
+              "a trial after the first one started")
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=WAIT)
+    assert first.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == (f"interrupted: partial report in {run / 'report.json'}; run the same "
+                                       f"command with --resume to continue")
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["best"] is None
+    assert "partial" in report["reason"] and "--resume" in report["reason"]
+    assert report["trials"]["completed"] >= 1 and report["trials"]["failed"] == 1
+    assert report["baseline"]["accuracy"] is not None
+    interrupted = [row for row in _trials(run) if row["state"] == "FAIL"]
+    assert len(interrupted) == 1 and interrupted[0]["reason"].startswith("interrupted"), interrupted
+    assert "interrupted" in (run / "report.md").read_text()
+    assert not (run / "model.keras").exists()
+    assert not list(run.glob(".*.tmp")) and not list(run.glob(".saving-*"))
+    # Without --resume the directory is refused: it holds a run.
+    expect_user_error(capsys, [*COMMAND, "--output-dir", str(run)], "already holds a run", "--resume")
+
+    # 2. --resume, then kill -9 as soon as it has finished one more trial.
+    done_before = _completed(run)
+    second = _start(run, cache, "--resume")
+    _wait_for(second, lambda: _completed(run) > done_before, "a resumed trial finished")
+    second.kill()
+    second.wait(timeout=WAIT)
+    assert second.returncode == -signal.SIGKILL
+
+    # 3. --resume again, to the end.
+    third = run_main(*COMMAND, "--output-dir", str(run), "--resume", cache_dir=cache, timeout=WAIT * 2)
+    assert third.returncode == 0, third.stderr[-3000:]
+
+    expected = json.loads((reference / "report.json").read_text())
+    resumed = json.loads((run / "report.json").read_text())
+    assert resumed["status"] == expected["status"] == "completed"
+    assert _completed_sequence(run) == _completed_sequence(reference)
+    assert resumed["trials"]["completed"] == expected["trials"]["completed"] == TRIALS
+    assert resumed["trials"]["failed"] >= 1  # the cut-off trials, each run again
+    assert all(row["reason"].startswith("interrupted") for row in _trials(run) if row["state"] == "FAIL")
+    assert all(state in ("COMPLETE", "FAIL") for _, state in _states(run))
+    assert resumed["best"]["hyperparameters"] == expected["best"]["hyperparameters"]
+    for key in ("accuracy", "macs", "params", "speedup"):
+        assert resumed["best"][key] == expected["best"][key], key
+    assert resumed["baseline"]["accuracy"] == expected["baseline"]["accuracy"]
+    assert resumed["search"]["best_validation_accuracy"] == expected["search"]["best_validation_accuracy"]
