@@ -130,7 +130,10 @@ def study_lock(url: str, study_name: str) -> contextlib.AbstractContextManager:
     advisory lock; MySQL: GET_LOCK. Other back ends get no lock: each extra searcher may then
     start one trial more than the budget.
     """
-    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    try:
+        dialect = sqlalchemy.engine.make_url(url).get_backend_name()
+    except Exception as error:  # noqa: BLE001 - a malformed URL: say so before warning about its "dialect"
+        raise _storage_error(url, error) from None
     if dialect == "sqlite":
         return _sqlite_lock(url)
     if dialect in ("postgresql", "mysql", "mariadb"):

@@ -93,6 +93,13 @@ add(
              ("--trials", "8", "--sampler", "random"), quick=True, minutes=2, repeat=SEEDS),
 )
 
+# ----------------------------------------------------------------------------- built-in digits, the size learners
+add(
+    Scenario("digits-lowbit-4bit", "digits_cnn", "uniform", ("--target-bits", "4"), minutes=3),
+    Scenario("digits-nonuniform-4bit", "digits_cnn", "non-uniform", ("--target-bits", "4"), minutes=4),
+    Scenario("digits-product-quant-15x", "digits_cnn", "product-quant", ("--target-compression", "15"), minutes=3),
+)
+
 # ----------------------------------------------------------------------------- LeNet on MNIST / Fashion-MNIST
 for subject in ("lenet-mnist", "lenet-fashion"):
     add(
@@ -121,6 +128,22 @@ add(
     Scenario("resnet20-tfmot-qat-int8", "resnet20", "tfmot-qat", (), ("--finetune-epochs", "1"), peer=True,
              minutes=6),
     Scenario("resnet20-tflite-ptq-int8", "resnet20", "tflite-ptq", (), peer=True, minutes=1),
+    # Mixed low-bit: the searched allocation against 4 bits everywhere at the same budget.
+    Scenario("resnet20-lowbit-4bit", "resnet20", "uniform", ("--target-bits", "4"),
+             ("--trials", "6", "--finetune-epochs", "0.5"), minutes=15),
+    Scenario("resnet20-lowbit-4bit-everywhere", "resnet20", "uniform", ("--target-bits", "4"),
+             ("--trials", "1", "--finetune-epochs", "0.5", "--set", "uniform.allocation=uniform"), minutes=12),
+    Scenario("resnet20-nonuniform-4bit", "resnet20", "non-uniform", ("--target-bits", "4"),
+             ("--trials", "4", "--finetune-epochs", "1"), minutes=30,
+             published=Published("91.96% -> 91.70% (NonUniformQuantLearner, 4 bits, full GPU fine-tuning)",
+                                 "PocketFlow docs")),
+    Scenario("resnet20-product-quant-15x", "resnet20", "product-quant", ("--target-compression", "15"),
+             ("--trials", "4", "--finetune-epochs", "2"), minutes=30),
+    # Distillation at equal budget: the same 3x channel-pruned candidate with and without a teacher.
+    Scenario("resnet20-channel-3x", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "1"), minutes=8),
+    Scenario("resnet20-channel-3x-distill", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "1", "--distill"), minutes=9),
     Scenario("resnet56-channel-2.5x", "resnet56", "channel", ("--target-speedup", "2.5"),
              ("--trials", "12", "--finetune-epochs", "3"), minutes=40,
              published=Published("-0.4 points (ChannelPrunedLearner, full GPU fine-tuning)", "PocketFlow docs")),
