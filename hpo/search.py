@@ -28,7 +28,7 @@ import tensorflow as tf
 from optuna.trial import TrialState
 
 from hpo import pareto, results
-from hpo.samplers import make_sampler
+from hpo.samplers import make_sampler, trial_seed
 from hpo.storage import (PARAMS_PENDING_ATTRIBUTE, WORKER_ATTRIBUTE, claim_study, counts,
                          default_storage_url, display_url, is_interrupted, load_or_create, open_storage,
                          recover_dead_trials, requeue, study_lock, worker_id)
@@ -107,7 +107,7 @@ class Search:
         return study_lock(self.storage_url, self.study_name)
 
     def _sampler(self, trial_number: int) -> optuna.samplers.BaseSampler:
-        return make_sampler(self.config.hpo.sampler, self.config.seed + trial_number)
+        return make_sampler(self.config.hpo.sampler, trial_seed(self.config.seed, trial_number))
 
     def _enough(self) -> bool:
         """Stop asking when completed + running trials reach the study's budget (shared by all searchers)."""

@@ -87,9 +87,9 @@ add(
              ("--finetune-epochs", "6"), peer=True, quick=True, minutes=1),
     Scenario("digits-tflite-ptq-int8", "digits_cnn", "tflite-ptq", (), peer=True, quick=True, minutes=0.5),
     # Sampler comparison at an equal trial budget, three seeds each (the spread, not one run).
-    Scenario("digits-channel-3x-tpe", "digits_cnn", "channel", ("--target-speedup", "3.0"),
+    Scenario("digits-channel-6x-tpe", "digits_cnn", "channel", ("--target-speedup", "6.0"),
              ("--trials", "8", "--sampler", "tpe"), quick=True, minutes=2, repeat=SEEDS),
-    Scenario("digits-channel-3x-random", "digits_cnn", "channel", ("--target-speedup", "3.0"),
+    Scenario("digits-channel-6x-random", "digits_cnn", "channel", ("--target-speedup", "6.0"),
              ("--trials", "8", "--sampler", "random"), quick=True, minutes=2, repeat=SEEDS),
 )
 

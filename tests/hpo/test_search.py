@@ -173,3 +173,19 @@ def test_same_seed_same_proposals(tmp_path, setting):
         rows = list(csv.DictReader(open(directory / "trials.csv")))
         proposals.append([r["params"] for r in rows])
     assert proposals[0] == proposals[1]
+
+
+def test_different_seeds_do_not_share_proposals(tmp_path, setting):
+    """Run seed 1 must not replay run seed 0's proposals shifted by one trial (seed + index did)."""
+    dataset, model = setting
+    proposals = []
+    for seed in (0, 1):
+        directory = tmp_path / f"seed{seed}"
+        directory.mkdir()
+        config = dataclasses.replace(config_for(directory, 6, sampler="random"), seed=seed)
+        run_search(make_learner(dataset, model), model, config, directory, resume=False,
+                   distributed=SingleProcess())
+        rows = list(csv.DictReader(open(directory / "trials.csv")))
+        proposals.append({r["params"] for r in rows if r["reference"] != "True"})
+    assert len(proposals[0]) == len(proposals[1]) == 5
+    assert not proposals[0] & proposals[1]
