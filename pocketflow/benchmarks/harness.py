@@ -137,8 +137,11 @@ def write_tables(rows: List[Dict[str, Any]], directory: Path, published: Dict[st
     info = machine()
     write_atomic(directory / "results.json", json.dumps({"machine": info, "command": command, "rows": rows},
                                                         indent=2, default=str).encode())
-    lines = [f"Measured {info['date']} on {info['host']} ({info['cpu_count']} CPUs, {info['processor']}, "
-             f"TensorFlow {info['tensorflow']}) with `{command}`.", "",
+    dates = sorted({row["date"] for row in rows if row.get("date")}) or [info["date"]]
+    when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}"
+    lines = [f"Measured {when} on {info['host']} ({info['cpu_count']} CPUs, {info['processor']}, "
+             f"TensorFlow {info['tensorflow']}); the latest command: `{command}` (every row's own command "
+             "is in results.json).", "",
              "| " + " | ".join(title for _, title in COLUMNS) + " | status |",
              "|" + "---|" * (len(COLUMNS) + 1)]
     for row in rows:
@@ -157,13 +160,31 @@ def write_tables(rows: List[Dict[str, Any]], directory: Path, published: Dict[st
     write_atomic(directory / "results.md", ("\n".join(lines) + "\n").encode())
 
 
+def _table_order(name: str) -> int:
+    from pocketflow.benchmarks.scenarios import ORDER
+
+    return ORDER.index(name) if name in ORDER else len(ORDER)
+
+
 def run(scenarios: List[Scenario], shared: str, directory: Path, *, force: bool = False,
         command: str = "", published: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Run ``scenarios`` (finished rows are kept unless ``force``) and write the tables.
+
+    The tables also keep the finished rows of scenarios not selected this time, so a full table
+    can be built in several sittings (each row records its own command and date).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    previous = {}
-    if (directory / "results.json").exists() and not force:
-        previous = {row["scenario"]: row for row in json.loads((directory / "results.json").read_text())["rows"]
-                    if row.get("status") == "ok"}
+    saved: List[Dict[str, Any]] = []
+    if (directory / "results.json").exists():
+        saved = [row for row in json.loads((directory / "results.json").read_text())["rows"]
+                 if row.get("status") == "ok"]
+    previous = {} if force else {row["scenario"]: row for row in saved}
+    selected = {scenario.name for scenario in scenarios}
+    others = [row for row in saved if row["scenario"] not in selected]
+
+    def table(rows_now: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        return sorted(rows_now + others, key=lambda row: _table_order(row["scenario"]))
+
     rows: List[Dict[str, Any]] = []
     expected = sum(s.minutes for s in scenarios if s.name not in previous)
     log.info("%d scenarios, about %.0f minutes on 2 cores", len(scenarios), expected)
@@ -176,7 +197,8 @@ def run(scenarios: List[Scenario], shared: str, directory: Path, *, force: bool 
         row = run_scenario(scenario, shared, directory)
         log.info("[%d/%d] %s: %s, accuracy %s, %.1f min", index, len(scenarios), scenario.name, row["status"],
                  _cell("accuracy", row.get("accuracy"), row), row["seconds"] / 60)
+        row.setdefault("date", datetime.date.today().isoformat())
         rows.append(row)
-        write_tables(rows, directory, published or {}, command)
-    write_tables(rows, directory, published or {}, command)
+        write_tables(table(rows), directory, published or {}, command)
+    write_tables(table(rows), directory, published or {}, command)
     return rows

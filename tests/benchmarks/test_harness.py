@@ -59,3 +59,19 @@ def test_peer_scenario_end_to_end_and_resume(tmp_path, caplog):
     again = harness.run([scenario], "/nonexistent", tmp_path, command="test")
     assert again[0]["seconds"] == row["seconds"]  # kept, not run again
     assert "kept from the previous run" in caplog.text
+
+
+def test_rows_of_other_scenarios_stay_in_the_table(tmp_path, monkeypatch):
+    """A table built in several sittings: a later run of one scenario keeps the others' rows."""
+    def fake(scenario, shared, directory):
+        return {"scenario": scenario.name, "status": "ok", "seconds": 1.0, "accuracy": 0.5}
+
+    monkeypatch.setattr(harness, "run_scenario", fake)
+    first, second = SCENARIOS.get(ORDER[1]), SCENARIOS.get(ORDER[0])
+    harness.run([first], "/nonexistent", tmp_path, command="first")
+    harness.run([second], "/nonexistent", tmp_path, command="second")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["scenario"] for row in saved["rows"]] == [second.name, first.name]  # the scenarios' order
+    assert saved["command"] == "second" and all(row["date"] for row in saved["rows"])
+    harness.run([second], "/nonexistent", tmp_path, command="again", force=True)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
