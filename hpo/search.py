@@ -187,8 +187,9 @@ class Search:
         reachable = self.learner.reachable(self.baseline)
         unreachable = {k: v for k, v in self.requested.items() if k in reachable and not meets({k: v}, reachable)}
         if unreachable:
+            hint = self.learner.unreachable_hint()
             reason = (f"no candidate can meet the target: {describe_shortfall(unreachable, reachable)} "
-                      f"(every prunable part at its minimum)")
+                      f"(every prunable part at its minimum){'; ' + hint if hint else ''}")
             return SearchOutcome(None, {}, {"completed": 0, "failed": 0, "pruned": 0}, reason,
                                  {"largest_reached": reachable})
         if self.distributed.is_chief:

@@ -93,6 +93,10 @@ class Learner(abc.ABC):
         """The most each target quantity can reach (to stop early on an impossible target); {} if unknown."""
         return {}
 
+    def unreachable_hint(self) -> str:
+        """What the user can change when ``reachable`` falls short of the target ('' if nothing but the target)."""
+        return ""
+
     def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
         """Target quantities of a candidate; the default measures MACs and the MAC speedup."""
         macs = count_macs(model)

@@ -115,6 +115,14 @@ class ChannelPruningLearner(Learner):
         floor = analysis.macs_for(self._floor_counts(baseline))
         return {"speedup": analysis.total_macs / floor}
 
+    def unreachable_hint(self) -> str:
+        options = self.options
+        if options.min_channels == 1 and options.channel_multiple == 1:
+            return ""
+        return (f"layers keep at least channel.min_channels = {options.min_channels} channels in multiples of "
+                f"channel.channel_multiple = {options.channel_multiple}; for a small net lower them "
+                f"(--set channel.min_channels=1 --set channel.channel_multiple=1) or ask for less")
+
     # ------------------------------------------------------------------ search space
     def search_space(self, trial: Any) -> ChannelHyperparameters:
         options = self.options

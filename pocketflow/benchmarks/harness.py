@@ -130,6 +130,8 @@ def _cell(key: str, value: Any, row: Dict[str, Any]) -> str:
         return f"{value:.2f}x"
     if key == "seconds":
         return f"{value / 60:.1f} min"
+    if key == "shipped_format":
+        return str(value).split(" (")[0]  # the kind of file; its layout is in report.json
     return str(value)
 
 

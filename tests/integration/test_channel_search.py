@@ -57,6 +57,7 @@ def test_impossible_target_exits_3_with_a_report(tmp_path):
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "no candidate can meet the target: speedup 1000 requested, best reached" in result.stderr
+    assert "--set channel.min_channels=1 --set channel.channel_multiple=1" in result.stderr  # the way out
     report = json.loads((out / "report.json").read_text())
     assert report["best"] is None and report["status"] == "target_not_met"
     assert "speedup 1000 requested" in report["reason"]
