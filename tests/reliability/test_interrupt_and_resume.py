@@ -24,7 +24,7 @@ from tests.reliability.common import expect_user_error, main_command, run_main, 
 
 pytestmark = pytest.mark.reliability
 
-TRIALS = 4
+TRIALS = 8  # trials take about a second: leave a loaded machine time to land the SIGINT mid-search
 COMMAND = ["--learner", "channel", "--target-speedup", "2", "--trials", str(TRIALS), "--sampler", "random",
            "--seed", "3", "--epochs", "0.3", "--finetune-epochs", "0.1", "--export", "none"]
 WAIT = 240  # seconds any one step may take on a loaded 2-core machine
@@ -96,7 +96,7 @@ def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path,
     for extra in ([], ["--resume"]):
         expect_user_error(capsys, [*COMMAND, "--output-dir", str(run), *extra], "is in use by a running job",
                           "choose another --output-dir")
-    _wait_for(first, lambda: any(state == "RUNNING" and number >= 1 for number, state in _states(run)),
+    _wait_for(first, lambda: any(state == "RUNNING" and 1 <= number <= TRIALS - 4 for number, state in _states(run)),
               "a trial after the first one started")
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=WAIT)
