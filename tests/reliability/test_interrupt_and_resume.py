@@ -58,8 +58,11 @@ def _completed(directory: Path) -> int:
 
 
 def _start(directory: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    # A shell's background job (nohup ... &) ignores SIGINT and children inherit that; the run under
+    # test must see Ctrl-C as a user's terminal delivers it.
     return subprocess.Popen(main_command(*COMMAND, "--output-dir", str(directory), *extra), cwd=ROOT,
-                            env=subprocess_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _trials(directory: Path) -> List[Dict[str, str]]:
