@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from pocketflow.benchmarks.scenarios import Scenario
+from pocketflow.benchmarks.scenarios import ORDER, Scenario
 from pocketflow.export import write_atomic
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,6 @@ def write_tables(rows: List[Dict[str, Any]], directory: Path, published: Dict[st
 
 
 def _table_order(name: str) -> int:
-    from pocketflow.benchmarks.scenarios import ORDER
-
     return ORDER.index(name) if name in ORDER else len(ORDER)
 
 
