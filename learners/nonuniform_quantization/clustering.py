@@ -1,4 +1,4 @@
-"""Codebook fine-tuning with the code assignment fixed: train, then pull every cluster together.
+"""Codebook fine-tuning: train, then pull every cluster together (codes fixed, or re-assigned).
 
 After each optimizer step every weight (or sub-vector) is replaced by the mean of its cluster.
 With SGD, momentum and L2 decay all linear in the gradient, this is exactly training the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from learners.nonuniform_quantization.artifact import QuantizedKernel
@@ -52,6 +53,64 @@ class ClusterProjection:
 
     def finish(self) -> None:
         self()
+
+
+class AdaptiveClusterProjection:
+    """``after_step`` hook for scalar codebooks whose codes may change: straight-through training of
+    a full-precision shadow of each kernel, re-clustered after every step.
+
+    The optimizer's step is taken at the quantized weights (the model only ever holds centroids) and
+    added to the shadow; each shadow weight then joins its nearest centroid (in one dimension the
+    clusters are intervals between centroid midpoints) and every centroid moves to the mean of its
+    members (one Lloyd step; an empty cluster keeps its centroid). With fixed codes a weight that
+    the initial clustering put on the wrong side of a boundary stays there for good, which costs
+    most at 2 bits; here it can cross once its gradient says so. Same step on every rank under
+    Horovod, so ranks stay identical.
+    """
+
+    def __init__(self, kernels: Mapping[str, Tuple[QuantizedKernel, tf.Variable]],
+                 shadows: Mapping[str, np.ndarray]) -> None:
+        self._kernels = kernels
+        self._items = []
+        for key, (kernel, variable) in kernels.items():
+            if kernel.layout.block != 1:
+                raise ValueError(f"{key}: adaptive codes need a scalar codebook (block 1), not {kernel.layout.block}")
+            current = variable.numpy().reshape(-1)
+            shadow = np.asarray(shadows.get(key, current), np.float32).reshape(-1)
+            table = np.sort(kernel.codebook_of(variable.numpy()).reshape(-1))
+            self._items.append((key, variable, tf.Variable(shadow, trainable=False),
+                                tf.Variable(current, trainable=False), tf.Variable(table, trainable=False),
+                                tf.Variable(np.zeros(current.size, np.int32), trainable=False)))
+        self._project = tf.function(self._apply)
+
+    def _apply(self) -> None:
+        for _, variable, shadow, shown, table, codes in self._items:
+            current = tf.reshape(variable, [-1])
+            shadow.assign_add(current - shown)
+            centroids = tf.sort(table)
+            assigned = tf.searchsorted((centroids[1:] + centroids[:-1]) / 2.0, shadow, side="left", out_type=tf.int32)
+            count = tf.shape(centroids)[0]
+            members = tf.math.unsorted_segment_sum(tf.ones_like(shadow), assigned, count)
+            sums = tf.math.unsorted_segment_sum(shadow, assigned, count)
+            means = tf.where(members > 0, sums / tf.maximum(members, 1.0), centroids)
+            values = tf.gather(means, assigned)
+            variable.assign(tf.reshape(values, tf.shape(variable)))
+            shown.assign(values)
+            table.assign(means)
+            codes.assign(assigned)
+
+    def __call__(self) -> None:
+        if self._items:
+            self._project()
+
+    def finish(self) -> Dict[str, np.ndarray]:
+        """Project once more, store the final codes in the kernels; the shadows, for a later stage."""
+        self()
+        shadows = {}
+        for key, _, shadow, _, _, codes in self._items:
+            self._kernels[key][0].codes = codes.numpy().astype(np.int64)
+            shadows[key] = shadow.numpy()
+        return shadows
 
 
 # ---------------------------------------------------------------------------- bit allocation by bytes

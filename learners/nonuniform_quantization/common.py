@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -21,7 +21,7 @@ from learners.distillation import Distiller, as_distiller, distillation_loss
 from learners.nonuniform_quantization.artifact import (QuantizedKernel, artifact_bytes, artifact_to_tflite,
                                                        kernel_bytes, load_artifact, packed_tensors, rest_variables,
                                                        round_half, write_artifact)
-from learners.nonuniform_quantization.clustering import ClusterProjection
+from learners.nonuniform_quantization.clustering import AdaptiveClusterProjection, ClusterProjection
 from learners.nonuniform_quantization.codebooks import Layout
 from learners.packing import distinct_values, packed_bytes
 from learners.weight_sparsification.masks import PrunableWeight, prunable_weights, variables_by_key
@@ -43,6 +43,8 @@ class CodebookState:
     kernels: Dict[str, Tuple[QuantizedKernel, tf.Variable]]
     hparams: Any
     notes: Dict[str, Any]
+    # full-precision kernels that adaptive codes are trained on (the baseline's, then as trained)
+    shadows: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class CodebookLearner(Learner):
@@ -207,7 +209,8 @@ class CodebookLearner(Learner):
 
     def _recover(self, model: tf.keras.Model, epochs: float, description: str,
                  teacher: Optional[Distiller] = None, learning_rate_factor: Optional[float] = None) -> None:
-        """Train the codebooks (codes fixed) for ``epochs``, then settle the BatchNorm statistics again.
+        """Train the codebooks for ``epochs`` (codes fixed, or re-assigned every step with
+        ``assignment: adaptive``), then settle the BatchNorm statistics again.
 
         BatchNorm trains as usual (batch statistics, moving averages updated): with its statistics
         frozen the network loses its scale invariance, and distillation's soft targets made SGD
@@ -216,15 +219,22 @@ class CodebookLearner(Learner):
         if epochs <= 0:
             return
         state = self._states[model]
+        before = {key: kernel.codes.copy() for key, (kernel, _) in state.kernels.items()}
         schedule = self.context.schedule.with_epochs(epochs)
         if learning_rate_factor is None:
             schedule = from_trained(schedule)
         else:
             schedule = replace(schedule, learning_rate=schedule.learning_rate * learning_rate_factor)
-        hook = ClusterProjection(state.kernels)
+        adaptive = getattr(self.options, "assignment", "fixed") == "adaptive"
+        hook = AdaptiveClusterProjection(state.kernels, state.shadows) if adaptive else ClusterProjection(state.kernels)
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
               after_step=hook, loss_function=distillation_loss(teacher, model), description=description)
-        hook.finish()
+        shadows = hook.finish()
+        if adaptive:
+            state.shadows = shadows
+            moved = sum(int(np.count_nonzero(kernel.codes != before[key])) for key, (kernel, _) in state.kernels.items())
+            state.notes.setdefault("codes_changed", {})[description] = moved
+            log.info("%s: %s of %s codes changed", description, f"{moved:,}", f"{self.total:,}")
         self._settle_batchnorm(model, description)
 
     def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:

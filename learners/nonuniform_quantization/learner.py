@@ -8,9 +8,11 @@ fixed); the proposal is projected onto ``--target-bits`` (parameter-weighted ave
 bytes of the shipped file, planned from exact per-layer costs and measured on the real file).
 A candidate is the baseline with every kernel replaced by its nearest centroid (initialization,
 then Lloyd iterations), BatchNorm statistics kept or re-estimated (whichever scores better on
-validation images), and a short recovery that trains the centroids with the assignment fixed,
-distilled from the baseline; the search scores it on the validation split. The winner gets the
-same cluster fine-tuning for ``--finetune-epochs``. What ships is the packed file: bit-packed
+validation images), and a short recovery that trains the centroids, distilled from the baseline;
+the search scores it on the validation split. The winner gets the same cluster fine-tuning for
+``--finetune-epochs``. Training keeps the codes fixed (only the centroids move) or, with
+``assignment: adaptive``, trains a full-precision shadow of every kernel straight-through and
+re-clusters it after each step, so a weight can change cluster. What ships is the packed file: bit-packed
 indices + float32 codebooks (+ the other tensors in float16); ``load_artifact`` gives it back.
 """
 
@@ -54,6 +56,9 @@ class NonUniformConfig:
     selection_samples: int = 1000  # validation images that decide "auto"
     finetune_learning_rate: float = 0.1  # fine-tuning rate as a fraction of the net's from-scratch rate
     distill: bool = True  # fine-tune from the uncompressed model's outputs (when the run passes no teacher)
+    # codes during training: "fixed" (the clustering's, only the centroids train) or "adaptive" (a full-
+    # precision shadow of each kernel trains straight-through and is re-clustered after every step)
+    assignment: Literal["fixed", "adaptive"] = "fixed"
     half_precision_rest: bool = True  # biases and BatchNorm stored as float16 in the shipped file
 
     def __post_init__(self) -> None:
@@ -188,15 +193,16 @@ class NonUniformLearner(CodebookLearner):
     def compress(self, model: tf.keras.Model, hparams: NonUniformHyperparameters) -> tf.keras.Model:
         work = self._working_copy(model)
         variables = variables_by_key(work, self._weights)
-        kernels = {}
+        kernels, shadows = {}, {}
         for index, weight in enumerate(self._weights):
             variable = variables[weight.key]
+            shadows[weight.key] = variable.numpy().copy()
             bits = int(hparams.bits[weight.key])
             centroids, codes = scalar_codebook(variable.numpy(), bits, hparams.init, self.options.kmeans_iterations,
                                                seed=self.context.seed + index)
             variable.assign(centroids[codes].reshape(weight.shape).astype(np.float32))
             kernels[weight.key] = (QuantizedKernel(weight.key, self.layout(weight), bits, codes), variable)
-        self._states[work] = CodebookState(kernels, hparams, {"init": hparams.init})
+        self._states[work] = CodebookState(kernels, hparams, {"init": hparams.init}, shadows)
         self._settle_batchnorm(work, "quantized")
         self._recover(work, self.options.recovery_epochs, "recovery", teacher=self.default_teacher(None))
         return work
