@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -251,6 +251,24 @@ def _plain(value: Any) -> Any:
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r} is out of range: it {rule}")
+
+
+# Rules for ``check_fields``: (test, what the error says the value must be).
+Rule = Tuple[Callable[[Any], bool], str]
+AT_LEAST_0: Rule = (lambda value: value >= 0, "must be >= 0")
+AT_LEAST_1: Rule = (lambda value: value >= 1, "must be >= 1")
+POSITIVE: Rule = (lambda value: value > 0, "must be > 0")
+RATE_FRACTION: Rule = (lambda value: 0.0 < value <= 10.0,
+                       "must be in (0, 10] (a fraction of the net's learning rate)")
+
+
+def check_fields(section: str, config: Any, rules: Mapping[str, Rule]) -> None:
+    """Range-check fields of a learner's config section, so every learner words the error the same
+    way (``section.field = value is out of range: it must ...``); None (an unset optional) passes."""
+    for name, (ok, rule) in rules.items():
+        value = getattr(config, name)
+        if value is not None:
+            _check(ok(value), f"{section}.{name}", value, rule)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

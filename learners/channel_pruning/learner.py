@@ -20,6 +20,7 @@ from learners.base import Learner, register_learner
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.selection import prune_model
 from learners.distillation import Distiller, distillation_loss
+from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
 from pocketflow.training import from_trained, train
 
@@ -51,14 +52,9 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.min_ratio <= 1.0:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
-        if self.channel_multiple < 1:
-            raise ConfigError(f"channel.channel_multiple = {self.channel_multiple} is out of range: it must be >= 1")
-        if self.min_channels < 1:
-            raise ConfigError(f"channel.min_channels = {self.min_channels} is out of range: it must be >= 1")
-        if self.sample_images < 16:
-            raise ConfigError(f"channel.sample_images = {self.sample_images} is out of range: it must be >= 16")
-        if self.recovery_epochs < 0:
-            raise ConfigError(f"channel.recovery_epochs = {self.recovery_epochs} is out of range: it must be >= 0")
+        check_fields("channel", self, {
+            "channel_multiple": AT_LEAST_1, "min_channels": AT_LEAST_1, "recovery_epochs": AT_LEAST_0,
+            "sample_images": (lambda value: value >= 16, "must be >= 16")})
 
 
 @dataclass(frozen=True)

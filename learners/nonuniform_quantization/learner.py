@@ -32,6 +32,7 @@ from learners.nonuniform_quantization.clustering import fit_bits_to_bytes, weigh
 from learners.nonuniform_quantization.codebooks import INITS, Layout, scalar_codebook, scalar_layout
 from learners.nonuniform_quantization.common import SIZE_MARGIN, CodebookLearner, CodebookState
 from learners.weight_sparsification.masks import PrunableWeight, variables_by_key
+from pocketflow.config import AT_LEAST_0, AT_LEAST_1, RATE_FRACTION, check_fields
 from pocketflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,21 +66,9 @@ class NonUniformConfig:
         if not 1 <= self.min_bits <= self.max_bits <= 8:
             raise ConfigError(f"non-uniform.min_bits = {self.min_bits}, max_bits = {self.max_bits} are out of "
                               f"range: they must satisfy 1 <= min_bits <= max_bits <= 8")
-        if self.kmeans_iterations < 0:
-            raise ConfigError(f"non-uniform.kmeans_iterations = {self.kmeans_iterations} is out of range: "
-                              f"it must be >= 0")
-        if self.recovery_epochs < 0:
-            raise ConfigError(f"non-uniform.recovery_epochs = {self.recovery_epochs} is out of range: it must "
-                              f"be >= 0")
-        if self.selection_samples < 1:
-            raise ConfigError(f"non-uniform.selection_samples = {self.selection_samples} is out of range: it "
-                              f"must be >= 1")
-        if self.calibration_batches < 0:
-            raise ConfigError(f"non-uniform.calibration_batches = {self.calibration_batches} is out of range: "
-                              f"it must be >= 0")
-        if not 0.0 < self.finetune_learning_rate <= 10.0:
-            raise ConfigError(f"non-uniform.finetune_learning_rate = {self.finetune_learning_rate} is out of "
-                              f"range: it must be in (0, 10] (a fraction of the net's learning rate)")
+        check_fields("non-uniform", self, {
+            "kmeans_iterations": AT_LEAST_0, "recovery_epochs": AT_LEAST_0, "selection_samples": AT_LEAST_1,
+            "calibration_batches": AT_LEAST_0, "finetune_learning_rate": RATE_FRACTION})
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from learners.nonuniform_quantization.codebooks import (Layout, block_metrics, f
                                                         kmeans_plus_plus, weighted_kmeans)
 from learners.nonuniform_quantization.common import SIZE_MARGIN, CodebookLearner, CodebookState
 from learners.weight_sparsification.masks import PrunableWeight, variables_by_key
+from pocketflow.config import AT_LEAST_0, AT_LEAST_1, RATE_FRACTION, check_fields
 from pocketflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,10 @@ class ProductQuantConfig:
         if not 1 <= self.min_bits <= self.max_bits <= 12:
             raise ConfigError(f"product-quant.min_bits = {self.min_bits}, max_bits = {self.max_bits} are out of "
                               f"range: they must satisfy 1 <= min_bits <= max_bits <= 12")
-        for key in ("samples", "rows", "selection_samples"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"product-quant.{key} = {getattr(self, key)} is out of range: it must be >= 1")
-        if self.iterations < 0 or self.ridge < 0 or self.recovery_epochs < 0 or self.calibration_batches < 0:
-            raise ConfigError("product-quant.iterations, ridge, recovery_epochs and calibration_batches must be "
-                              ">= 0")
-        if not 0.0 < self.finetune_learning_rate <= 10.0:
-            raise ConfigError(f"product-quant.finetune_learning_rate = {self.finetune_learning_rate} is out of "
-                              f"range: it must be in (0, 10] (a fraction of the net's learning rate)")
+        check_fields("product-quant", self, {
+            "samples": AT_LEAST_1, "rows": AT_LEAST_1, "selection_samples": AT_LEAST_1, "iterations": AT_LEAST_0,
+            "ridge": AT_LEAST_0, "recovery_epochs": AT_LEAST_0, "calibration_batches": AT_LEAST_0,
+            "finetune_learning_rate": RATE_FRACTION})
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import tensorflow as tf
 from learners.base import Learner, register_learner
 from learners.distillation import Distiller, distillation_loss
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
-from pocketflow.config import TargetConfig
+from pocketflow.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, RATE_FRACTION, TargetConfig, check_fields
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteMeasurement, TFLiteModel, export_and_measure, tflite_accuracy
 from pocketflow.metrics import count_params
@@ -82,32 +82,19 @@ class UniformConfig:
     int8_activations: bool = True  # also export + measure an int8-activation TFLite of the packed weights
 
     def __post_init__(self) -> None:
-        if self.qat_epochs is not None and self.qat_epochs < 0:
-            raise ConfigError(f"uniform.qat_epochs = {self.qat_epochs} is out of range: it must be >= 0")
-        if self.representative_samples < 1:
-            raise ConfigError(f"uniform.representative_samples = {self.representative_samples} is out of "
-                              f"range: it must be >= 1")
-        if self.threads < 1 or self.latency_runs < 1:
-            raise ConfigError("uniform.threads and uniform.latency_runs must be >= 1")
+        check_fields("uniform", self, {
+            "qat_epochs": AT_LEAST_0, "representative_samples": AT_LEAST_1, "threads": AT_LEAST_1,
+            "latency_runs": AT_LEAST_1, "recovery_epochs": AT_LEAST_0, "recovery_learning_rate": RATE_FRACTION,
+            "finetune_learning_rate": RATE_FRACTION, "calibration_batches": AT_LEAST_0,
+            "sensitivity_samples": AT_LEAST_1, "max_power": POSITIVE})
         if self.bits is not None and not 2 <= self.bits <= 8:
             raise ConfigError(f"uniform.bits = {self.bits} is out of range: it must be in [2, 8] (8: int8 TFLite; "
                               f"2-7: packed low-bit weights)")
         if not 2 <= self.min_bits <= self.max_bits <= 8:
             raise ConfigError(f"uniform.min_bits = {self.min_bits}, max_bits = {self.max_bits} are out of range: "
                               f"they must satisfy 2 <= min_bits <= max_bits <= 8")
-        if self.recovery_epochs < 0:
-            raise ConfigError(f"uniform.recovery_epochs = {self.recovery_epochs} is out of range: it must be >= 0")
-        for name in ("recovery_learning_rate", "finetune_learning_rate"):
-            if not 0.0 < getattr(self, name) <= 10.0:
-                raise ConfigError(f"uniform.{name} = {getattr(self, name)} is out of range: it must be in (0, 10] "
-                                  f"(a fraction of the net's learning rate)")
-        if self.calibration_batches < 0 or self.sensitivity_samples < 1:
-            raise ConfigError(f"uniform.calibration_batches = {self.calibration_batches} must be >= 0 and "
-                              f"uniform.sensitivity_samples = {self.sensitivity_samples} >= 1")
         if self.probe_bits is not None and not 2 <= self.probe_bits <= 8:
             raise ConfigError(f"uniform.probe_bits = {self.probe_bits} is out of range: it must be in [2, 8]")
-        if not self.max_power > 0:
-            raise ConfigError(f"uniform.max_power = {self.max_power} is out of range: it must be > 0")
         if self.mode == "int8" and self.bits is not None and self.bits < 8:
             raise ConfigError(f"uniform.mode = int8 conflicts with uniform.bits = {self.bits}; drop one of them")
         if self.mode == "mixed" and self.bits == 8:

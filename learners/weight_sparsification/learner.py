@@ -33,7 +33,7 @@ from learners.weight_sparsification.masks import (
 from learners.weight_sparsification.schedule import (
     FixedMasks, GradualPruning, recalibrate_batchnorm, training_steps,
 )
-from pocketflow.config import TargetConfig
+from pocketflow.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, RATE_FRACTION, TargetConfig, check_fields
 from pocketflow.errors import ConfigError
 from pocketflow.training import from_trained, train
 
@@ -83,22 +83,12 @@ class WeightSparseConfig:
         if not 0.0 < self.max_layer_sparsity < 1.0:
             raise ConfigError(f"weight-sparse.max_layer_sparsity = {self.max_layer_sparsity} is out of range: "
                               f"it must be in (0, 1)")
-        if self.recovery_epochs < 0:
-            raise ConfigError(f"weight-sparse.recovery_epochs = {self.recovery_epochs} is out of range: "
-                              f"it must be >= 0")
+        check_fields("weight-sparse", self, {
+            "recovery_epochs": AT_LEAST_0, "calibration_batches": AT_LEAST_0,
+            "finetune_learning_rate": RATE_FRACTION, "frequency": AT_LEAST_1, "power": POSITIVE})
         if not 0.0 <= self.begin <= self.end <= 1.0:
             raise ConfigError(f"weight-sparse.begin = {self.begin}, end = {self.end} are out of range: they "
                               f"must satisfy 0 <= begin <= end <= 1 (fractions of the fine-tuning steps)")
-        if self.calibration_batches < 0:
-            raise ConfigError(f"weight-sparse.calibration_batches = {self.calibration_batches} is out of range: "
-                              f"it must be >= 0")
-        if not 0.0 < self.finetune_learning_rate <= 10.0:
-            raise ConfigError(f"weight-sparse.finetune_learning_rate = {self.finetune_learning_rate} is out of "
-                              f"range: it must be in (0, 10] (a fraction of the net's learning rate)")
-        if self.frequency < 1:
-            raise ConfigError(f"weight-sparse.frequency = {self.frequency} is out of range: it must be >= 1")
-        if self.power <= 0:
-            raise ConfigError(f"weight-sparse.power = {self.power} is out of range: it must be > 0")
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,13 @@ from pocketflow.data import load_dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.metrics import count_macs
-from pocketflow.training import TrainSchedule, accuracy, train
+from pocketflow.training import accuracy
+from tests.learners.digits import trained_digits
 
 
 @pytest.fixture(scope="module")
 def trained():
-    tf.keras.utils.set_random_seed(0)
-    dataset = load_dataset(DataConfig(name="digits"), seed=0)
-    model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
-    schedule = TrainSchedule(15, 32, 0.05, "cosine", "sgd", 5e-4, False)
-    train(model, dataset, schedule)
-    return dataset, model, schedule
+    return trained_digits(15)
 
 
 def learner_for(trained, target=2.5, **options):

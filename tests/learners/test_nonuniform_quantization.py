@@ -25,14 +25,13 @@ from learners.nonuniform_quantization.learner import NonUniformConfig, NonUnifor
 from learners.packing import distinct_values, read_packed
 from learners.weight_sparsification.masks import prunable_weights, variables_by_key
 from learners.weight_sparsification.schedule import batchnorm_layers
-from nets import NETS
-from pocketflow.config import DataConfig, TargetConfig
-from pocketflow.data import load_dataset
+from pocketflow.config import TargetConfig
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteModel, convert
-from pocketflow.training import TrainSchedule, accuracy, train
+from pocketflow.training import accuracy
 from tests.conftest import ROOT
+from tests.learners.digits import trained_digits
 
 L = tf.keras.layers
 
@@ -151,11 +150,7 @@ def test_adaptive_codes_follow_a_weight_that_crosses_the_midpoint():
 # ---------------------------------------------------------------------------- the learner on a trained net
 @pytest.fixture(scope="module")
 def trained():
-    tf.keras.utils.set_random_seed(0)
-    dataset = load_dataset(DataConfig(name="digits"), seed=0)
-    model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
-    schedule = TrainSchedule(4, 32, 0.05, "cosine", "sgd", 5e-4, False)
-    train(model, dataset, schedule)
+    dataset, model, schedule = trained_digits(4)
     return dataset, model, schedule, len(convert(model, "float"))
 
 

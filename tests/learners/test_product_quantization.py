@@ -23,14 +23,13 @@ from learners.nonuniform_quantization.codebooks import (Layout, block_metrics, f
 from learners.nonuniform_quantization.product import ProductQuantConfig, ProductQuantLearner, product_layout
 from learners.packing import read_packed
 from learners.weight_sparsification.masks import prunable_weights, variables_by_key
-from nets import NETS
-from pocketflow.config import DataConfig, TargetConfig
-from pocketflow.data import load_dataset
+from pocketflow.config import TargetConfig
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteModel, convert
-from pocketflow.training import TrainSchedule, accuracy, train
+from pocketflow.training import accuracy
 from tests.conftest import ROOT
+from tests.learners.digits import trained_digits
 
 L = tf.keras.layers
 
@@ -156,11 +155,7 @@ def test_product_file_round_trip_with_float16_codebooks(tmp_path, rng):
 # ---------------------------------------------------------------------------- the learner
 @pytest.fixture(scope="module")
 def trained():
-    tf.keras.utils.set_random_seed(0)
-    dataset = load_dataset(DataConfig(name="digits"), seed=0)
-    model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
-    schedule = TrainSchedule(4, 32, 0.05, "cosine", "sgd", 5e-4, False)
-    train(model, dataset, schedule)
+    dataset, model, schedule = trained_digits(4)
     return dataset, model, schedule, len(convert(model, "float"))
 
 

@@ -23,14 +23,13 @@ from learners.weight_sparsification.masks import (
     prunable_weights, save_masks, variables_by_key,
 )
 from learners.weight_sparsification.schedule import GradualPruning, is_pruning_step, polynomial_sparsity
-from nets import NETS
-from pocketflow.config import DataConfig, TargetConfig
-from pocketflow.data import load_dataset
+from pocketflow.config import TargetConfig
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteModel, convert, tflite_accuracy
-from pocketflow.training import TrainSchedule, accuracy, train
+from pocketflow.training import accuracy
 from tests.conftest import ROOT, shared_file
+from tests.learners.digits import trained_digits
 
 L = tf.keras.layers
 
@@ -38,12 +37,7 @@ L = tf.keras.layers
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def trained():
-    tf.keras.utils.set_random_seed(0)
-    dataset = load_dataset(DataConfig(name="digits"), seed=0)
-    model = NETS.get("digits_cnn").make(dataset.input_shape, dataset.num_classes)
-    schedule = TrainSchedule(6, 32, 0.05, "cosine", "sgd", 5e-4, False)
-    train(model, dataset, schedule)
-    return dataset, model, schedule
+    return trained_digits(6)
 
 
 def learner_for(trained, target: TargetConfig, **options) -> WeightSparseLearner:
