@@ -59,7 +59,7 @@ class NonUniformConfig:
     distill: bool = True  # fine-tune from the uncompressed model's outputs (when the run passes no teacher)
     # codes during training: "fixed" (the clustering's, only the centroids train) or "adaptive" (a full-
     # precision shadow of each kernel trains straight-through and is re-clustered after every step)
-    assignment: Literal["fixed", "adaptive"] = "fixed"
+    assignment: Literal["fixed", "adaptive"] = "adaptive"
     half_precision_rest: bool = True  # biases and BatchNorm stored as float16 in the shipped file
 
     def __post_init__(self) -> None:
