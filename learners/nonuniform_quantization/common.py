@@ -43,7 +43,7 @@ class CodebookState:
     kernels: Dict[str, Tuple[QuantizedKernel, tf.Variable]]
     hparams: Any
     notes: Dict[str, Any]
-    # full-precision kernels that adaptive codes are trained on (the baseline's, then as trained)
+    # full-precision kernels that adaptive codes train on, kept between stages (empty: the baseline's)
     shadows: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -219,14 +219,17 @@ class CodebookLearner(Learner):
         if epochs <= 0:
             return
         state = self._states[model]
-        before = {key: kernel.codes.copy() for key, (kernel, _) in state.kernels.items()}
         schedule = self.context.schedule.with_epochs(epochs)
         if learning_rate_factor is None:
             schedule = from_trained(schedule)
         else:
             schedule = replace(schedule, learning_rate=schedule.learning_rate * learning_rate_factor)
         adaptive = getattr(self.options, "assignment", "fixed") == "adaptive"
-        hook = AdaptiveClusterProjection(state.kernels, state.shadows) if adaptive else ClusterProjection(state.kernels)
+        if adaptive:
+            before = {key: kernel.codes.copy() for key, (kernel, _) in state.kernels.items()}
+            hook = AdaptiveClusterProjection(state.kernels, state.shadows or self._baseline_kernels())
+        else:
+            hook = ClusterProjection(state.kernels)
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
               after_step=hook, loss_function=distillation_loss(teacher, model), description=description)
         shadows = hook.finish()
@@ -236,6 +239,10 @@ class CodebookLearner(Learner):
             state.notes.setdefault("codes_changed", {})[description] = moved
             log.info("%s: %s of %s codes changed", description, f"{moved:,}", f"{self.total:,}")
         self._settle_batchnorm(model, description)
+
+    def _baseline_kernels(self) -> Dict[str, np.ndarray]:
+        """The baseline's full-precision kernels: where adaptive codes start their shadows."""
+        return {key: variable.numpy() for key, variable in variables_by_key(self._baseline, self._weights).items()}
 
     def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
         state = self._states.get(model)

@@ -183,16 +183,15 @@ class NonUniformLearner(CodebookLearner):
     def compress(self, model: tf.keras.Model, hparams: NonUniformHyperparameters) -> tf.keras.Model:
         work = self._working_copy(model)
         variables = variables_by_key(work, self._weights)
-        kernels, shadows = {}, {}
+        kernels = {}
         for index, weight in enumerate(self._weights):
             variable = variables[weight.key]
-            shadows[weight.key] = variable.numpy().copy()
             bits = int(hparams.bits[weight.key])
             centroids, codes = scalar_codebook(variable.numpy(), bits, hparams.init, self.options.kmeans_iterations,
                                                seed=self.context.seed + index)
             variable.assign(centroids[codes].reshape(weight.shape).astype(np.float32))
             kernels[weight.key] = (QuantizedKernel(weight.key, self.layout(weight), bits, codes), variable)
-        self._states[work] = CodebookState(kernels, hparams, {"init": hparams.init}, shadows)
+        self._states[work] = CodebookState(kernels, hparams, {"init": hparams.init})
         self._settle_batchnorm(work, "quantized")
         self._recover(work, self.options.recovery_epochs, "recovery", teacher=self.default_teacher(None))
         return work
