@@ -6,17 +6,18 @@ setup(
     name="pocketflow-tf2",
     version="0.1.0",
     description="Automated model compression for TensorFlow 2 / Keras: search, compress, export to TFLite",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.13",
     packages=find_packages(include=["pocketflow", "pocketflow.*", "learners", "learners.*", "hpo", "hpo.*",
                                     "nets", "nets.*"]),
     install_requires=[
-        "tensorflow==2.15.1",
-        "tf-keras==2.15.1",
-        "tensorflow-model-optimization>=0.8,<0.9",
+        "tensorflow==2.21.0",
+        "tf-keras==2.21.0",  # Keras 2: TFMOT and Horovod 0.28 need it (pocketflow/keras_setup.py)
+        "tensorflow-model-optimization==0.8.1",
+        "ai-edge-litert>=2.3,<3",  # LiteRT: the runtime every shipped .tflite file is measured in
         "optuna>=5,<6",
         "cmaes>=0.10",  # --sampler cmaes
         "psycopg[binary]>=3",  # PostgreSQL study storage (postgresql:// URLs) for searchers on many machines
-        "numpy>=1.26,<2",
+        "numpy>=2",
         "pyyaml>=6",
         "scikit-learn>=1.3",
         "matplotlib>=3.7",

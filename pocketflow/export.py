@@ -1,8 +1,10 @@
 """TFLite export, and the measurements made on the exported file itself.
 
-A compressed model is judged by what ships: every exported file is run by the TFLite
-interpreter on the test split (accuracy, so Keras/TFLite parity is visible) and timed at
-batch 1 (median over ``runs`` invocations after warm-up, thread count recorded).
+A compressed model is judged by what ships: every exported file is run by the runtime people
+deploy with, LiteRT (``ai-edge-litert``; TensorFlow's deprecated ``tf.lite.Interpreter`` only
+where LiteRT is not installed), on the test split (accuracy, so Keras/TFLite parity is visible)
+and timed at batch 1 (median over ``runs`` invocations after warm-up, thread count recorded).
+Every measurement names the runtime and its version.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class TFLiteMeasurement:
     latency_runs: int
     threads: int
     input_dtype: str
+    runtime: str
+    default_delegate: bool
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -134,6 +138,46 @@ def write_atomic(path: Path, payload: bytes) -> None:
         raise
 
 
+def _interpreter_module():
+    """LiteRT's interpreter module where it is installed, else TensorFlow's."""
+    try:
+        from ai_edge_litert import interpreter
+    except ImportError:
+        return tf.lite
+    return interpreter
+
+
+def runtime_name() -> str:
+    """The runtime that runs every TFLite file measured in this process, with its version."""
+    if _interpreter_module() is tf.lite:
+        return f"tf.lite.Interpreter (TensorFlow {tf.__version__})"
+    import ai_edge_litert
+    return f"LiteRT (ai-edge-litert {getattr(ai_edge_litert, '__version__', 'unknown')})"
+
+
+def load_interpreter(path: str | Path, threads: int = 1):
+    """(interpreter with tensors allocated, whether the default XNNPACK delegate runs it).
+
+    XNNPACK in TF >= 2.16 and LiteRT fails to *prepare* some sparse dynamic-range int8
+    convolutions instead of declining them; such a file still runs on the built-in kernels,
+    so it is loaded again without the default delegate, and the measurement says so.
+    """
+    module = _interpreter_module()
+    try:
+        interpreter = module.Interpreter(model_path=str(path), num_threads=threads)
+        interpreter.allocate_tensors()
+        return interpreter, True
+    except (RuntimeError, ValueError) as error:
+        if "delegate" not in str(error).lower() and "prepare" not in str(error).lower():
+            raise
+        log.debug("%s: the default delegate cannot prepare it (%s); running on the built-in kernels", path,
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+    interpreter = module.Interpreter(model_path=str(path), num_threads=threads,
+                                     experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    return interpreter, False
+
+
 class TFLiteModel:
     """A TFLite file loaded in the interpreter, with (de)quantization of int8 inputs and outputs."""
 
@@ -162,8 +206,7 @@ class TFLiteModel:
         return outputs
 
     def _load(self) -> None:
-        self.interpreter = tf.lite.Interpreter(model_path=self.path, num_threads=self.threads)
-        self.interpreter.allocate_tensors()
+        self.interpreter, self.default_delegate = load_interpreter(self.path, self.threads)
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self.batch = int(self._input["shape"][0])
@@ -247,7 +290,8 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
              path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s")
     return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
                              latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
-                             input_dtype=loaded.input_dtype)
+                             input_dtype=loaded.input_dtype, runtime=runtime_name(),
+                             default_delegate=loaded.default_delegate)
 
 
 def compare_latency(paths: list, rounds: int = 5, min_seconds: float = 0.5, threads: int = 1) -> Dict[str, float]:

@@ -80,7 +80,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
         "",
         "Accuracy is top-1 on the test split (never used to choose anything). MACs are multiply-accumulates "
         "of Conv/Depthwise/Separable/Dense layers for one image. Bytes are file sizes: the float TFLite file "
-        "for the baseline, the shipped file for the result. Latency: TFLite interpreter, batch 1, median.",
+        "for the baseline, the shipped file for the result. Latency: batch 1, median, in "
+        f"{(report.get('environment') or {}).get('tflite_runtime', 'the TFLite interpreter')}.",
         "",
         "| | accuracy | TFLite accuracy | MACs | params | bytes | TFLite latency (ms) |",
         "|---|---|---|---|---|---|---|",

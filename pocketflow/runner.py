@@ -29,7 +29,7 @@ from pocketflow.data import DATASETS, load_dataset
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess, make_context
 from pocketflow.errors import ConfigError, TargetNotMetError, UserError
-from pocketflow.export import TFLiteMeasurement, export_and_measure, write_atomic
+from pocketflow.export import TFLiteMeasurement, export_and_measure, runtime_name, write_atomic
 from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
@@ -495,5 +495,6 @@ def _environment(config: RunConfig) -> Dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "tflite_threads": config.export.threads,
+        "tflite_runtime": runtime_name(),
         "numpy": np.__version__,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pocketflow.export import compare_latency  # noqa: E402
+from pocketflow.export import compare_latency, runtime_name  # noqa: E402
 
 
 def main() -> None:
@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    print(f"runtime: {runtime_name()}, {args.threads} thread(s), batch 1")
     for run in args.runs:
         baseline, model = Path(run) / "baseline.tflite", Path(run) / "model.tflite"
         timings = compare_latency([baseline, model], rounds=args.rounds, threads=args.threads)

@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import tensorflow as tf
 
+from pocketflow.export import load_interpreter
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (pocketflow.keras_setup imported it first)
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
@@ -159,8 +160,7 @@ def tensor_dtypes(path: str | Path) -> Dict[str, Dict[str, int]]:
 
     Weights are the tensors with constant data (a buffer); activations the others.
     """
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+    interpreter, _ = load_interpreter(path)
     counts: Dict[str, Dict[str, int]] = {"weights": {}, "activations": {}}
     constant = _constant_tensors(interpreter)
     for detail in interpreter.get_tensor_details():
@@ -172,7 +172,7 @@ def tensor_dtypes(path: str | Path) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def _constant_tensors(interpreter: tf.lite.Interpreter) -> set:
+def _constant_tensors(interpreter) -> set:
     """Indices of tensors that are parameters: inputs of operators that no operator produces."""
     produced, used = set(), set()
     details = interpreter._get_ops_details()  # noqa: SLF001 - the only public-ish view of the graph

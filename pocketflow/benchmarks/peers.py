@@ -170,7 +170,7 @@ def run_peer(name: str, argv: List[str], output_dir: Path) -> Dict[str, Any]:
         "artifact_bytes": shipped.bytes, "artifact_path": shipped.path, "tflite_latency_ms": shipped.latency_ms,
         "mac_speedup": 1.0, "latency_speedup": baseline_file.latency_ms / shipped.latency_ms,
         "compression": baseline_file.bytes / shipped.bytes, "seconds": time.time() - started,
-        "finetune_epochs": run.config.train.finetune_epochs, **result,
+        "finetune_epochs": run.config.train.finetune_epochs, "runtime": shipped.runtime, **result,
     }
     write_atomic(output_dir / "peer.json", json.dumps(row, indent=2, default=str).encode())
     return row

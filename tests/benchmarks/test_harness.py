@@ -75,3 +75,27 @@ def test_rows_of_other_scenarios_stay_in_the_table(tmp_path, monkeypatch):
     assert saved["command"] == "second" and all(row["date"] for row in saved["rows"])
     harness.run([second], "/nonexistent", tmp_path, command="again", force=True)
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    """README's results table is the rendering of docs/benchmarks/results.json, not a hand-kept copy."""
+    from pocketflow.benchmarks.scenarios import published_figures
+
+    results = json.loads((harness.ROOT / "docs" / "benchmarks" / "results.json").read_text())
+    table = harness.render_table(results, published_figures())
+    readme = (harness.ROOT / "README.md").read_text()
+    assert harness.readme_block(readme, table) == readme, "run: python scripts/benchmark.py --table"
+    assert (harness.ROOT / "docs" / "benchmarks" / "results.md").read_text() == table
+    scenarios = [row["scenario"] for row in results["rows"]]
+    assert len(scenarios) == len(set(scenarios)), "one scenario, one figure"
+    assert all(row.get("runtime") and row.get("date") for row in results["rows"])
+
+
+def test_rows_record_commit_and_runtime(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "run_scenario",
+                        lambda scenario, shared, directory: {"scenario": scenario.name, "status": "ok",
+                                                             "seconds": 1.0, "runtime": "LiteRT (ai-edge-litert 9)"})
+    harness.run([SCENARIOS.get(ORDER[0])], "/nonexistent", tmp_path / "runs", command="c", results_dir=tmp_path)
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert row["commit"] == harness.git_commit() and row["commit"]
+    assert "| LiteRT 9 |" in (tmp_path / "results.md").read_text()
