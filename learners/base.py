@@ -48,6 +48,9 @@ class Learner(abc.ABC):
     # --objective pareto minimizes this candidate_metrics() key against accuracy ("macs", or "bytes"
     # for learners that shrink files, when their candidates differ in it); None: no front to search.
     pareto_cost: ClassVar[Optional[str]] = None
+    # distillation.enabled = auto turns distillation on for this learner's fine-tuning: measured
+    # to be worth it where compression removes whole channels (README, "Channel pruning recovery").
+    distill_by_default: ClassVar[bool] = False
 
     def __init__(self, options: Any, context: LearnerContext) -> None:
         self.options = options

@@ -24,12 +24,13 @@ briefly with its own T and alpha before scoring it, so the choice is measured, n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, Mapping, Optional, Union
 
 import tensorflow as tf
 
-from pocketflow.config import DistillationConfig, RunConfig
+from pocketflow.config import AUTO, SEARCH, DistillationConfig, RunConfig
 from pocketflow.errors import ConfigError
 from pocketflow.training import LossFunction, outputs_probabilities
 
@@ -133,7 +134,7 @@ def check_values(temperature: float, alpha: float) -> None:
 
 def searched(config: DistillationConfig) -> bool:
     """True when the optimizer chooses T or alpha (each trial is then fine-tuned with distillation)."""
-    return config.enabled and (config.temperature == "search" or config.alpha == "search")
+    return config.enabled is True and (config.temperature == "search" or config.alpha == "search")
 
 
 def suggest(trial: Any, config: DistillationConfig) -> Dict[str, float]:
@@ -166,7 +167,7 @@ def reference_values(config: DistillationConfig) -> Dict[str, float]:
 def make_distiller(config: DistillationConfig, teacher: tf.keras.Model,
                    chosen: Optional[Mapping[str, Any]] = None) -> Optional[Distiller]:
     """The run's Distiller (None when distillation is off); ``chosen`` holds a trial's T and alpha."""
-    if not config.enabled:
+    if config.enabled is not True:
         return None
     chosen = dict(chosen or {})
     temperature = chosen.get("temperature", config.temperature)
@@ -178,9 +179,21 @@ def make_distiller(config: DistillationConfig, teacher: tf.keras.Model,
     return Distiller(teacher, float(temperature), float(alpha))
 
 
+def resolve_enabled(learner_class: type, config: RunConfig) -> RunConfig:
+    """``config`` with ``distillation.enabled = auto`` decided for ``learner_class``: on where the
+    learner fine-tunes a compressed model and declares distillation worth it, off elsewhere."""
+    if config.distillation.enabled != AUTO:
+        return config
+    enabled = bool(learner_class.searches and learner_class.distill_by_default)
+    if not enabled and (config.distillation.temperature == SEARCH or config.distillation.alpha == SEARCH):
+        raise ConfigError(f"distillation is off by default for learner '{learner_class.name}', so its temperature "
+                          f"or alpha cannot be searched; pass --distill (or --set distillation.enabled=true)")
+    return dataclasses.replace(config, distillation=dataclasses.replace(config.distillation, enabled=enabled))
+
+
 def check_run(learner_class: type, config: RunConfig) -> None:
     """Reject --distill where there is no fine-tuning to distil, before any work is done."""
-    if not config.distillation.enabled:
+    if config.distillation.enabled is not True:
         return
     if not learner_class.searches:
         raise ConfigError(f"--distill distils the fine-tuning of a compressed model, and learner "

@@ -40,9 +40,9 @@ def cache_key(net: NetSpec, data: DataConfig, schedule: TrainSchedule, seed: int
     return f"{net.name}-{data.name}-{digest}"
 
 
-def load_baseline(model_path: str, dataset: Dataset) -> tf.keras.Model:
-    model = load_user_model(model_path)
-    check_input_shape(model, dataset.input_shape, dataset.num_classes, model_path)
+def load_baseline(model_path: str, dataset: Dataset, trust: bool = False) -> tf.keras.Model:
+    model = load_user_model(model_path, trust=trust)
+    check_input_shape(model, dataset.input_shape, dataset.num_classes, model_path, labels_from=dataset.labels_from)
     return model
 
 

@@ -17,6 +17,7 @@ FLAG_KEYS: Dict[str, str] = {
     "learner": "learner",
     "net": "net",
     "model": "model",
+    "trust_model": "trust_model",
     "output_dir": "output_dir",
     "seed": "seed",
     "dataset": "data.name",
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: the dataset's default net)")
     model.add_argument("--model", metavar="PATH", help="your trained Keras model (.h5, .keras or SavedModel "
                                                        "dir) used as the baseline instead of a built-in net")
+    model.add_argument("--trust-model", action="store_true",
+                       help="allow a --model file whose Lambda layers hold Python code: loading runs that code, "
+                            "so only for files from a source you trust")
     model.add_argument("--dataset", help="digits (built in), mnist, fashion-mnist, cifar10, npz, imagenet "
                                          "(default: the net's dataset, digits for the default net)")
     model.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset's files")
@@ -147,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "KB kibibytes")
 
     distill = parser.add_argument_group("distillation (any learner's fine-tuning)")
-    distill.add_argument("--distill", action="store_true",
-                         help="fine-tune with knowledge distillation from the uncompressed baseline")
+    distill.add_argument("--distill", action=argparse.BooleanOptionalAction,
+                         help="fine-tune with knowledge distillation from the uncompressed baseline (default: "
+                              "on for channel pruning, off for the other learners; --no-distill turns it off)")
     distill.add_argument("--distill-temperature", type=_number_or_search, metavar="T|search",
                          help="softening temperature T > 0, or 'search' to let the optimizer choose (default 4)")
     distill.add_argument("--distill-alpha", type=_number_or_search, metavar="A|search",

@@ -138,13 +138,16 @@ class ExportConfig:
 
 
 SEARCH = "search"  # a hyperparameter value that lets the optimizer choose
+AUTO = "auto"  # a setting the run resolves from the learner
 
 
 @dataclass(frozen=True)
 class DistillationConfig:
     """Knowledge distillation from the uncompressed baseline during fine-tuning (learners/distillation.py)."""
 
-    enabled: bool = False
+    # auto: on for the learners that declare it worth its cost (channel), off for the others;
+    # the run resolves it and config.yaml records what ran.
+    enabled: Union[bool, Literal["auto"]] = "auto"
     temperature: Union[float, str] = 4.0  # T > 0, or "search"
     alpha: Union[float, str] = 0.9  # weight of the soft (teacher) term in [0, 1], or "search"
     temperature_range: Tuple[float, float] = (1.0, 10.0)  # searched on a log scale
@@ -154,10 +157,12 @@ class DistillationConfig:
     search_epochs: float = 0.5
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool) or self.enabled == AUTO, "distillation.enabled", self.enabled,
+               "must be true, false or 'auto'")
         for name, value, rule in (("temperature", self.temperature, "a number > 0"),
                                   ("alpha", self.alpha, "a number in [0, 1]")):
             if value == SEARCH:
-                if not self.enabled:
+                if self.enabled is False:
                     raise ConfigError(f"distillation.{name} = 'search' needs distillation: enabled (pass "
                                       f"--distill, or --set distillation.enabled=true)")
                 continue
@@ -199,6 +204,8 @@ class RunConfig:
     learner: str = "full-prec"
     net: Optional[str] = None  # None: the dataset's default net (digits_cnn for the default dataset)
     model: Optional[str] = None  # a user's trained Keras model; replaces the built-in net as baseline
+    # Let --model files run the Python code their Lambda layers carry (only for files you trust).
+    trust_model: bool = False
     output_dir: Optional[str] = None
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

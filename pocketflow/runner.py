@@ -34,7 +34,7 @@ from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
 from hpo.pareto import check_run as check_pareto
-from learners.distillation import check_run as check_distillation, make_distiller
+from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class Runner:
         config = resolve_names(self.config)
         learner_class = LEARNERS.get(config.learner)
         learner_class.check_target(config.target)
+        config = resolve_enabled(learner_class, config)
         check_distillation(learner_class, config)
         check_pareto(learner_class, config)
         for name, section in config.learners.items():  # catch typos in every learner section
@@ -297,7 +298,7 @@ class Runner:
         schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
 
         if config.model:
-            baseline_model, source = load_baseline(config.model, dataset), f"file:{config.model}"
+            baseline_model, source = load_baseline(config.model, dataset, config.trust_model), f"file:{config.model}"
             if not self.learner_class.searches and schedule.epochs > 0:
                 from pocketflow.training import from_trained, train
                 train(baseline_model, dataset, from_trained(schedule), distributed=distributed, seed=config.seed,

@@ -69,6 +69,7 @@ class ChannelPruningLearner(Learner):
     Config = ChannelConfig
     targets = ("speedup",)
     pareto_cost = "macs"  # --objective pareto: accuracy vs MACs (leave the target off for a spread)
+    distill_by_default = True
 
     def __init__(self, options: ChannelConfig, context) -> None:
         super().__init__(options, context)

@@ -147,7 +147,7 @@ def load_run(argv: List[str], output_dir: Path) -> PeerRun:
     net = NETS.get(config.net) if config.net else None
     schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
     if config.model:
-        baseline = load_baseline(config.model, dataset)
+        baseline = load_baseline(config.model, dataset, config.trust_model)
     else:
         baseline, _ = train_baseline(net, config.data, dataset, schedule, seed=config.seed,
                                      distributed=SingleProcess(), use_cache=True)

@@ -95,6 +95,10 @@ class Dataset(abc.ABC):
     def sample_train(self, count: int, seed: int = 0) -> np.ndarray:
         """``count`` preprocessed training images (calibration, feature-map sampling)."""
 
+    def labels_from(self, classes: int) -> Optional[int]:
+        """How many labels (all splits) are ``classes`` or more; None where the loader cannot count."""
+        return None
+
     def test_arrays(self, limit: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Preprocessed test images and labels as arrays (used by the TFLite evaluator)."""
         xs, ys, seen = [], [], 0
@@ -126,6 +130,10 @@ class ArrayDataset(Dataset):
         self.input_shape = tuple(int(d) for d in x_train.shape[1:])  # type: ignore[assignment]
         labels = np.concatenate([np.ravel(y_train), np.ravel(y_test)]).astype(np.int64)
         self.num_classes = int(num_classes or labels.max() + 1)
+        outside = int(((labels < 0) | (labels >= self.num_classes)).sum())
+        if outside:
+            raise DataError(f"{name}: {outside:,} label(s) lie outside the {self.num_classes} classes "
+                            f"0..{self.num_classes - 1}; fix or drop those examples")
         self.preprocess = preprocess
         order = np.random.default_rng(seed).permutation(len(x_train))
         n_val = max(1, int(round(len(x_train) * validation_split)))
@@ -134,6 +142,9 @@ class ArrayDataset(Dataset):
         self._x_train, self._y_train = x_train[train_idx], y_train[train_idx]
         self._x_val, self._y_val = x_train[val_idx], y_train[val_idx]
         self._x_test, self._y_test = x_test, np.ravel(y_test).astype(np.int64)
+
+    def labels_from(self, classes: int) -> Optional[int]:
+        return int(sum((labels >= classes).sum() for labels in (self._y_train, self._y_val, self._y_test)))
 
     @property
     def num_train(self) -> int:

@@ -51,15 +51,21 @@ def _labels(raw: np.ndarray, key: str, source: Path) -> Tuple[np.ndarray, Option
         if not np.issubdtype(raw.dtype, np.number) or raw.shape[1] < 2:
             raise DataError(f"{NAME}: '{source}' {key} has shape {raw.shape} and dtype {raw.dtype}; give class "
                             f"indices (N,) or one-hot rows (N, classes)")
+        broken = ~np.isfinite(raw).all(axis=1)
+        if broken.any():
+            raise DataError(f"{NAME}: '{source}' {key} holds {int(broken.sum()):,} one-hot row(s) with NaN or "
+                            f"infinite values; fix or drop those examples")
         return np.argmax(raw, axis=1).astype(np.int64), int(raw.shape[1])
     if raw.ndim != 1 or not np.issubdtype(raw.dtype, np.number):
         raise DataError(f"{NAME}: '{source}' {key} has shape {raw.shape} and dtype {raw.dtype}; give class "
                         f"indices (N,), (N, 1) or one-hot rows (N, classes)")
-    labels = raw.astype(np.int64)
-    if raw.size and (not np.array_equal(labels, raw) or labels.min() < 0):
-        bad = raw[(labels != raw) | (labels < 0)][0]
-        raise DataError(f"{NAME}: '{source}' {key} holds {bad!r}, not a class index; labels must be integers "
-                        f">= 0 (or one-hot rows)")
+    with np.errstate(invalid="ignore"):
+        labels = raw.astype(np.int64)
+        bad = (labels != raw) | (labels < 0) | ~np.isfinite(raw)
+    if bad.any():
+        raise DataError(f"{NAME}: '{source}' {key} holds {int(bad.sum()):,} label(s) that are not class indices "
+                        f"(the first: {raw[bad][0].item()!r}); labels must be integers >= 0 (or one-hot rows): fix or "
+                        f"drop those examples")
     return labels, None
 
 
@@ -67,6 +73,12 @@ def _images(raw: np.ndarray, key: str, source: Path) -> np.ndarray:
     if raw.ndim not in (3, 4) or not (np.issubdtype(raw.dtype, np.number) or raw.dtype == bool):
         raise DataError(f"{NAME}: '{source}' {key} has shape {raw.shape} and dtype {raw.dtype}; give numeric "
                         f"images (N, H, W) or (N, H, W, C)")
+    if np.issubdtype(raw.dtype, np.floating):
+        finite = np.isfinite(raw)
+        if not finite.all():
+            images = int((~finite).reshape(len(raw), -1).any(axis=1).sum())
+            raise DataError(f"{NAME}: '{source}' {key} holds {int((~finite).sum()):,} NaN or infinite value(s) in "
+                            f"{images:,} image(s); training on them would diverge: fix or drop those images")
     return raw if raw.ndim == 4 else raw[..., None]
 
 

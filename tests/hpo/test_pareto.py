@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 
 from hpo.pareto import check_run, dominates, fronts, non_dominated, pick, select_front, spread
 from learners.base import LEARNERS
@@ -18,6 +19,7 @@ from pocketflow.config import build_run_config
 from pocketflow.errors import ConfigError
 from tests.conftest import ROOT
 from tests.learners.test_distillation import E2E_BASELINE_EPOCHS, shared_cache
+from tests.loading import check_load_line
 
 # --------------------------------------------------------------------------- dominance and selection
 
@@ -131,6 +133,8 @@ def test_pareto_front_has_three_exported_non_dominated_models(pareto_run):
         assert Path(row["tflite_path"]).stat().st_size == int(row["bytes"])
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and float(row["tflite_latency_ms"]) > 0
         assert json.loads(row["distillation"]) == {"temperature": 4.0, "alpha": 0.9}
+    first = rows[0]["model_path"]  # front models load like model.keras, with identical outputs
+    check_load_line(first, tf.keras.models.load_model(first, compile=False))
     # The table is a front: no model dominated by another on what chooses (validation accuracy, equal
     # accuracies ranked by validation loss) and MACs.
     points = [((float(row["validation_accuracy"]), -float(row["validation_loss"])), float(row["macs"]))

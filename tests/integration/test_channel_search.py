@@ -16,6 +16,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import ROOT
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,9 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
     assert report["trials"]["completed"] == 20
     model = tf.keras.models.load_model(best["model_path"], compile=False)
     assert model.count_params() == best["params"]
+    check_load_line(best["model_path"], model)
+    check_load_line(str(out / "baseline.keras"), tf.keras.models.load_model(out / "baseline.keras", compile=False))
+    assert_report_matches_files(out)
     rows = list(csv.DictReader(open(out / "trials.csv")))
     assert len(rows) == 20 and all(row["state"] == "COMPLETE" for row in rows)
     assert (out / "search_history.png").exists() and (out / "accuracy_vs_speedup.png").exists()

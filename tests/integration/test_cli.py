@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import tensorflow as tf
 from pocketflow.cli import FLAG_KEYS, main
 from pocketflow.export import load_interpreter, runtime_name
 from tests.conftest import ROOT, shared_file
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 pytestmark = pytest.mark.integration
 
@@ -78,37 +79,6 @@ def test_corrupt_model_file_is_refused(tmp_path, capsys):
     assert "could not be loaded" in capsys.readouterr().err
 
 
-# README's load line for a model.keras file, in the user's own process (no pocketflow import).
-LOAD_LINE = "import tf_keras; model = tf_keras.models.load_model(PATH, compile=False)"
-
-
-def _outputs_in_fresh_process(code: str, path: str, images: np.ndarray, tmp: Path) -> subprocess.CompletedProcess:
-    np.save(tmp / "images.npy", images)
-    script = (f"import numpy as np\nPATH = {str(path)!r}\n{code}\n"
-              f"np.save({str(tmp / 'outputs.npy')!r}, model.predict(np.load({str(tmp / 'images.npy')!r}), verbose=0))\n")
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"})
-
-
-def check_load_line(path: str, model: tf.keras.Model) -> None:
-    """README's load line gives identical outputs in a fresh process; a plain ``tf.keras`` process
-    (Keras 3 on TF >= 2.16) refuses the file loudly instead of loading other weights."""
-    tmp = Path(path).parent / "load-check"
-    tmp.mkdir(exist_ok=True)
-    images = np.random.default_rng(0).random((4, *model.inputs[0].shape[1:])).astype(np.float32)
-    expected = model.predict(images, verbose=0)
-    loaded = _outputs_in_fresh_process(LOAD_LINE, path, images, tmp)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    np.testing.assert_array_equal(np.load(tmp / "outputs.npy"), expected)
-    (tmp / "outputs.npy").unlink()
-    plain = _outputs_in_fresh_process("import tensorflow as tf; model = tf.keras.models.load_model(PATH, compile=False)",
-                                      path, images, tmp)
-    if plain.returncode == 0:  # a Keras that can read it must read the same weights
-        np.testing.assert_array_equal(np.load(tmp / "outputs.npy"), expected)
-    else:
-        assert "Error" in plain.stderr
-
-
 def test_full_precision_default_job_trains_exports_and_reports(tmp_path):
     out = tmp_path / "run"
     result = run_main("--learner=full-prec", "--output-dir", str(out))
@@ -130,7 +100,8 @@ def test_full_precision_default_job_trains_exports_and_reports(tmp_path):
     assert (out / "report.md").read_text().startswith("# PocketFlow-TF2 run")
     model = tf.keras.models.load_model(best["model_path"], compile=False)
     assert model.count_params() == best["params"]
-    check_load_line(best["model_path"], model)
+    check_load_line(best["model_path"], model, plain_tf_keras=True)
+    assert_report_matches_files(out)
     assert Path(best["tflite_path"]).stat().st_size == best["bytes"]
     assert "learner: full-prec" in (out / "config.yaml").read_text()
     # The same directory again is refused rather than overwritten.

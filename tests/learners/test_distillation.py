@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from learners.base import LEARNERS, LearnerContext
 from learners.distillation import (Distiller, as_distiller, check_run, distillation_loss, distillation_loss_value,
-                                   make_distiller, reference_values, suggest)
+                                   make_distiller, reference_values, resolve_enabled, suggest)
 from nets.digits_cnn import build_digits_cnn
 from pocketflow.config import DataConfig, DistillationConfig, TargetConfig, build_run_config
 from pocketflow.data import load_dataset
@@ -134,7 +134,9 @@ def test_config_errors_name_the_value_and_the_fix():
     with pytest.raises(ConfigError, match=r"distillation.alpha = 1.5"):
         DistillationConfig(enabled=True, alpha=1.5)
     with pytest.raises(ConfigError, match="--distill"):
-        DistillationConfig(temperature="search")
+        DistillationConfig(enabled=False, temperature="search")
+    with pytest.raises(ConfigError, match=r"distillation.enabled = 'yes'"):
+        DistillationConfig(enabled="yes")
     with pytest.raises(ConfigError, match="temperature_range"):
         DistillationConfig(enabled=True, temperature_range=(4.0, 2.0))
     with pytest.raises(ConfigError, match=r"distillation.temperature = 'hot'"):
@@ -145,6 +147,21 @@ def test_config_errors_name_the_value_and_the_fix():
     with pytest.raises(ConfigError, match="does not fine-tune"):
         check_run(LEARNERS.get("full-prec"), config)
     check_run(LEARNERS.get("channel"), config)
+
+
+def test_auto_distils_channel_fine_tuning_only():
+    """distillation.enabled = auto (the default) resolves per learner: on for channel pruning, off elsewhere."""
+    config = build_run_config({}, LEARNERS.names())
+    assert config.distillation.enabled == "auto"
+    assert resolve_enabled(LEARNERS.get("channel"), config).distillation.enabled is True
+    for name in ("uniform", "weight-sparse", "non-uniform", "full-prec"):
+        assert resolve_enabled(LEARNERS.get(name), config).distillation.enabled is False, name
+    off = build_run_config({"distillation": {"enabled": False}}, LEARNERS.names())
+    assert resolve_enabled(LEARNERS.get("channel"), off).distillation.enabled is False
+    searched_t = build_run_config({"distillation": {"temperature": "search"}}, LEARNERS.names())
+    assert resolve_enabled(LEARNERS.get("channel"), searched_t).distillation.enabled is True
+    with pytest.raises(ConfigError, match="pass --distill"):
+        resolve_enabled(LEARNERS.get("uniform"), searched_t)
 
 
 def test_searched_values_suggest_reference_and_make():

@@ -30,6 +30,8 @@ from pocketflow.errors import ConfigError
 from pocketflow.export import convert
 from pocketflow.training import TrainSchedule
 from tests.conftest import ROOT
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 L = tf.keras.layers
 SCHEMES = ("asymmetric", "symmetric")
@@ -323,6 +325,8 @@ def test_default_job_at_four_bits(tmp_path):
     assert best["average_bits"] <= 4.0 + 1e-9 and all(2 <= b <= 8 for b in best["layer_bits"].values())
     assert best["tflite_accuracy"] >= baseline["accuracy"] - 0.02
     assert best["packed_keras_accuracy"] >= baseline["accuracy"] - 0.02
+    check_load_line(best["model_path"], tf.keras.models.load_model(best["model_path"], compile=False))
+    assert_report_matches_files(out)
     assert best["tflite_latency_ms"] > 0 and best["int8_activations_tflite_accuracy"] >= baseline["accuracy"] - 0.03
     assert report["search"]["reference_validation_accuracy"] is not None
     assert report["search"]["best_validation_accuracy"] >= report["search"]["reference_validation_accuracy"]

@@ -32,6 +32,8 @@ from pocketflow.export import TFLiteModel, convert
 from pocketflow.training import accuracy
 from tests.conftest import ROOT
 from tests.learners.digits import trained_digits
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 L = tf.keras.layers
 
@@ -306,6 +308,8 @@ def test_default_job_at_4_bits(tmp_path, shared_baseline_cache):
     assert best["accuracy"] >= baseline["accuracy"] - 0.02
     assert best["artifact_accuracy"] >= baseline["accuracy"] - 0.02
     rebuilt = load_artifact(out / "model_codebook.npz")
+    check_load_line(best["model_path"], tf.keras.models.load_model(best["model_path"], compile=False))
+    assert_report_matches_files(out)
     learner_weights = prunable_weights(rebuilt)
     counts = distinct_values([v.numpy() for v in variables_by_key(rebuilt, learner_weights).values()])
     for weight, count in zip(learner_weights, counts):

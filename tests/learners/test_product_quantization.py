@@ -30,6 +30,8 @@ from pocketflow.export import TFLiteModel, convert
 from pocketflow.training import accuracy
 from tests.conftest import ROOT
 from tests.learners.digits import trained_digits
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 L = tf.keras.layers
 
@@ -244,3 +246,5 @@ def test_product_quant_job_ships_a_15x_smaller_file(tmp_path, shared_baseline_ca
     assert (out / "model_pq.npz").stat().st_size == best["artifact_bytes"]
     assert best["artifact_accuracy"] == pytest.approx(best["accuracy"], abs=0.003)
     assert best["accuracy"] >= baseline["accuracy"] - 0.05  # the drop is reported; on digits it is small
+    check_load_line(best["model_path"], tf.keras.models.load_model(best["model_path"], compile=False))
+    assert_report_matches_files(out)

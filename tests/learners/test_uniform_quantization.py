@@ -22,6 +22,8 @@ from pocketflow.errors import ConfigError
 from pocketflow.export import convert
 from pocketflow.training import TrainSchedule
 from tests.conftest import ROOT
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 L = tf.keras.layers
 
@@ -157,3 +159,5 @@ def test_default_int8_job(tmp_path):
     assert best["compression"] > 3.0
     model = tf.keras.models.load_model(best["model_path"], compile=False)  # no custom objects
     assert not any("Quantize" in type(layer).__name__ for layer in model.layers)
+    check_load_line(best["model_path"], model)
+    assert_report_matches_files(out)

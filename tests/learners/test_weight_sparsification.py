@@ -30,6 +30,8 @@ from pocketflow.export import TFLiteModel, convert, tflite_accuracy
 from pocketflow.training import accuracy
 from tests.conftest import ROOT, shared_file
 from tests.learners.digits import trained_digits
+from tests.loading import check_load_line
+from tests.verify_run import assert_report_matches_files
 
 L = tf.keras.layers
 
@@ -364,3 +366,5 @@ def test_default_weight_sparse_job_ships_a_3x_smaller_file_within_2_points(tmp_p
     assert best["sparse_files"]["tflite"]["bytes"] < baseline["bytes"] / 3
     masks = load_masks(out / "masks.npz")
     assert sum(int((~m).sum()) for m in masks.values()) >= 0.8 * best["prunable_weights"]
+    check_load_line(best["model_path"], tf.keras.models.load_model(best["model_path"], compile=False))
+    assert_report_matches_files(out)

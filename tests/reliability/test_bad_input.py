@@ -216,7 +216,49 @@ def _wrong_input_rank(tmp: Path) -> Path:
     return path
 
 
+def _save(tmp: Path, name: str, inputs, outputs) -> Path:
+    path = tmp / name
+    tf.keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def _two_inputs(tmp: Path) -> Path:
+    first, second = tf.keras.Input((8, 8, 1)), tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.GlobalAveragePooling2D()(tf.keras.layers.Add()([first, second]))
+    return _save(tmp, "two_inputs.keras", [first, second], tf.keras.layers.Dense(10)(x))
+
+
+def _two_outputs(tmp: Path) -> Path:
+    inputs = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.GlobalAveragePooling2D()(inputs)
+    return _save(tmp, "two_outputs.keras", inputs, [tf.keras.layers.Dense(10)(x), tf.keras.layers.Dense(1)(x)])
+
+
+def _segmentation_output(tmp: Path) -> Path:
+    inputs = tf.keras.Input((8, 8, 1))
+    return _save(tmp, "segmenter.keras", inputs, tf.keras.layers.Conv2D(10, 1)(inputs))
+
+
+def _integer_input(tmp: Path) -> Path:
+    inputs = tf.keras.Input((8, 8, 1), dtype="int32")
+    x = tf.keras.layers.GlobalAveragePooling2D()(tf.keras.layers.Rescaling(1 / 255)(inputs))
+    return _save(tmp, "int_input.keras", inputs, tf.keras.layers.Dense(10)(x))
+
+
+def _lambda_layer(tmp: Path, suffix: str) -> Path:
+    inputs = tf.keras.Input((8, 8, 1))
+    x = tf.keras.layers.Lambda(lambda t: t * 2.0)(inputs)
+    return _save(tmp, f"lambda{suffix}", inputs, tf.keras.layers.Dense(10)(tf.keras.layers.Flatten()(x)))
+
+
 MODEL_CASES = {
+    "two-inputs": (_two_inputs, ["has 2 inputs", "one image input"]),
+    "two-outputs": (_two_outputs, ["has 2 outputs", "one output of class scores"]),
+    "output-not-class-scores": (_segmentation_output, ["outputs shape (None, 8, 8, 10)", "not class scores"]),
+    "integer-input": (_integer_input, ["takes int32 inputs", "float32 input"]),
+    "lambda-layer-h5": (lambda tmp: _lambda_layer(tmp, ".h5"), ["holds a Lambda layer with Python code",
+                                                                "--trust-model"]),
+    "lambda-layer-keras": (lambda tmp: _lambda_layer(tmp, ".keras"), ["holds a Lambda layer", "--trust-model"]),
     "truncated-h5": (_truncated_h5, ["could not be loaded", "saved with model.save()"]),
     "truncated-keras": (_truncated_keras, ["could not be loaded"]),
     "keras-zip-without-config": (_keras_zip_without_config, ["could not be loaded"]),
@@ -237,6 +279,15 @@ def test_bad_model_files(tmp_path, capsys, name):
     line = expect_user_error(capsys, ["--model", str(model), "--epochs", "0", "--output-dir", str(out)], *fragments)
     assert str(model) in line
     assert_no_run_left(out)
+
+
+def test_a_trusted_lambda_model_loads(tmp_path, capsys):
+    """--trust-model lets a Lambda layer's code run: the same file as above then evaluates."""
+    path = _lambda_layer(tmp_path, ".h5")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["--model", str(path), "--trust-model", "--epochs", "0", "--export", "none", "--output-dir", str(out),
+                 "-q"]) == 0
 
 
 def test_bare_saved_model_is_not_a_keras_model(tmp_path, capsys):
@@ -328,7 +379,36 @@ def _npz_missing_arrays(root: Path) -> Path:
     return root / "data.npz"
 
 
+def _npz(root: Path, **damage) -> Path:
+    """A valid digits-shaped .npz (8x8 images, 10 classes) with some arrays replaced."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.uniform(0, 255, (40, 8, 8)), "y_train": np.arange(40) % 10,
+              "x_test": rng.uniform(0, 255, (20, 8, 8)), "y_test": np.arange(20) % 10}
+    for key, change in damage.items():
+        arrays[key] = change(arrays[key].copy())
+    np.savez(root / "data.npz", **arrays)
+    return root / "data.npz"
+
+
+def _with(values, positions):
+    def change(array):
+        array.reshape(-1)[list(positions)] = values
+        return array
+    return change
+
+
 DATA_CASES = {
+    "npz-nan-images": ("npz", lambda root: _npz(root, x_train=_with(np.nan, (0, 1, 70))), ["--net", "digits_cnn"],
+                       ["data.npz", "x_train holds 3 NaN or infinite value(s) in 2 image(s)"]),
+    "npz-infinite-test-images": ("npz", lambda root: _npz(root, x_test=_with(np.inf, (5,))), ["--net", "digits_cnn"],
+                                 ["data.npz", "x_test holds 1 NaN or infinite value(s) in 1 image(s)"]),
+    "npz-fractional-labels": ("npz", lambda root: _npz(root, y_train=lambda y: y + np.where(np.arange(40) < 4, 0.5, 0)),
+                              ["--net", "digits_cnn"], ["data.npz", "y_train holds 4 label(s) that are not class"]),
+    "npz-nan-labels": ("npz", lambda root: _npz(root, y_test=lambda y: np.where(np.arange(20) < 2, np.nan, y)),
+                       ["--net", "digits_cnn"], ["data.npz", "y_test holds 2 label(s)"]),
+    "npz-negative-labels": ("npz", lambda root: _npz(root, y_test=lambda y: y - 1), ["--net", "digits_cnn"],
+                            ["data.npz", "y_test holds 2 label(s)", "(the first: -1)"]),
     "cifar10-truncated-batch": ("cifar10", lambda root: _cifar_folder(root, _truncate_batch), [],
                                 ["data_batch_2.bin", "truncated or corrupt", "download CIFAR-10 again"]),
     "cifar10-bad-label": ("cifar10", lambda root: _cifar_folder(root, _bad_label), [],
@@ -358,6 +438,19 @@ def test_corrupt_dataset_files(tmp_path, capsys, monkeypatch, name):
     assert_no_run_left(out)
     # The corrected command is not refused: the failed start left no run in the directory.
     assert not (out / "config.yaml").exists()
+
+
+def test_labels_beyond_the_models_classes_are_counted(tmp_path, capsys):
+    """A user's 10-class model and data whose labels reach 12: refused, with how many labels do not fit."""
+    data = _npz(tmp_path / "data", y_train=lambda y: np.where(np.arange(40) < 3, 12, y))
+    model = tmp_path / "ten.keras"
+    _tiny_model().save(model)
+    capsys.readouterr()
+    out = tmp_path / "run"
+    expect_user_error(capsys, ["--dataset", "npz", "--data-dir", str(data), "--model", str(model), "--epochs", "0",
+                               "--output-dir", str(out)],
+                      "predicts 10 classes but the dataset has 13", "(3 of its labels are 10 or more)")
+    assert_no_run_left(out)
 
 
 # --------------------------------------------------------------------------- output directory

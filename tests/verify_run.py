@@ -1,0 +1,52 @@
+"""Re-derive a run's reported figures from the files it wrote: what we hand the user is what we measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from learners import LEARNERS
+from pocketflow.config import build_run_config
+from pocketflow.data import load_dataset
+from pocketflow.export import TFLiteModel, runtime_name, tflite_accuracy
+from pocketflow.metrics import count_macs, count_params
+from pocketflow.training import accuracy
+
+
+def assert_report_matches_files(run_dir: Path) -> dict:
+    """Every figure of ``best`` that a file backs: measured again from that file and compared."""
+    report = json.loads((run_dir / "report.json").read_text())
+    baseline, best = report["baseline"], report["best"]
+    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()), LEARNERS.names(), "config.yaml")
+    dataset = load_dataset(config.data, config.seed)
+    images, labels = dataset.test_arrays()
+
+    model = tf.keras.models.load_model(best["model_path"], compile=False)
+    assert count_macs(model) == best["macs"] and count_params(model) == best["params"]
+    assert accuracy(model, dataset.test(256)) == pytest.approx(best["accuracy"], abs=1e-9)
+    assert best["speedup"] == pytest.approx(baseline["macs"] / count_macs(model))
+
+    assert report["environment"]["tflite_runtime"] == runtime_name()
+    for mode, measured in best.get("exports", {}).items():
+        path = Path(measured["path"])
+        assert path.stat().st_size == measured["bytes"], mode
+        assert measured["runtime"] == runtime_name()
+        assert tflite_accuracy(TFLiteModel(path), images, labels) == pytest.approx(measured["accuracy"], abs=1e-9)
+    shipped = run_dir / (best.get("artifact_path") or best["tflite_path"])  # relative to the run, or absolute
+    shipped_bytes = best.get("artifact_bytes", best["bytes"])
+    assert shipped.stat().st_size == shipped_bytes
+    assert Path(baseline["tflite_path"]).stat().st_size == baseline["bytes"]
+    assert best["compression"] == pytest.approx(baseline["bytes"] / shipped_bytes)
+    if shipped.suffix == ".tflite":
+        shipped_accuracy = best.get("artifact_accuracy", best.get("tflite_accuracy"))
+        assert tflite_accuracy(TFLiteModel(shipped), images, labels) == pytest.approx(shipped_accuracy, abs=1e-9)
+    if "sparsity" in best and best.get("sparsity") is not None:
+        kernels = [w.numpy() for layer in model.layers for w in layer.weights if "kernel" in w.name]
+        zeros = sum(int((k == 0).sum()) for k in kernels)
+        assert zeros >= best["sparsity"] * best.get("prunable_weights", 0) - 1
+    return report
