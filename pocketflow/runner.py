@@ -118,8 +118,8 @@ class Runner:
         config = resolve_names(self.config)
         learner_class = LEARNERS.get(config.learner)
         learner_class.check_target(config.target)
+        check_distillation(learner_class, config)  # what the user asked for (auto is never an error)
         config = resolve_enabled(learner_class, config)
-        check_distillation(learner_class, config)
         check_pareto(learner_class, config)
         for name, section in config.learners.items():  # catch typos in every learner section
             LEARNERS.get(name).parse_options(section, "the configuration")
