@@ -9,6 +9,15 @@ padding, dropout, DepthwiseConv2D with depth_multiplier 1) pass the layout throu
 element-wise merges (Add, Multiply, ...) tie the spaces of their inputs into one (a
 union-find); Concatenate joins layouts; Flatten repeats them.
 
+A *channel pad* (the shortcut of the CIFAR ResNets of He et al., option A: Reshape to
+(positions, channels), Permute, ZeroPadding1D, Permute, Reshape back) widens the channel
+axis with zeros: its output layout is (zeros, input layout, zeros). When an Add then meets a
+layout cut at other places (a conv's 32 channels against 8 zeros + 16 + 8 zeros), both are
+cut at each other's boundaries (spaces are *split*, for every tensor that carries them) and
+tied segment by segment. A residual stream so becomes prunable through its down-sampling
+blocks: the stream entering a stage is one group, and each band of padded zeros is another
+(pruning k of those channels means padding by k fewer zeros).
+
 A space that reaches a barrier, the model input or a model output is *fixed* (its
 channels must all stay). Every other space is a prunable **channel group**: the
 producers whose outputs were tied together, pruned with one set of kept indices.
@@ -69,6 +78,8 @@ KIND_FLATTEN = "flatten"
 KIND_MERGE = "merge"            # element-wise: ties its inputs' spaces
 KIND_CONCAT = "concat"          # along the channel axis: joins layouts
 KIND_BARRIER = "barrier"        # not understood: inputs fixed, outputs new fixed spaces
+KIND_CHANNEL_PAD = "channel_pad"  # zeros before and after the channel axis (ZeroPadding1D in a pad chain)
+KIND_PAD_PART = "pad_part"      # Reshape/Permute of a pad chain: passes the layout through
 KIND_NESTED = "nested"          # nested model or layer called several times: a barrier
 
 _CHANNELS_LAST = "channels_last"
@@ -90,6 +101,7 @@ class ChannelGroup:
     consumers: Tuple[str, ...]
     terminators: Tuple[str, ...]
     macs: int
+    segment: bool = False  # every producer's output also carries other channels (a band of a residual stream)
 
 
 @dataclass(frozen=True)
@@ -123,20 +135,62 @@ class _MacTerm:
 
 
 class _Spaces:
-    """Union-find over channel spaces; a root carries a reason when it is fixed."""
+    """Union-find over channel spaces; a root carries a reason when it is fixed.
+
+    A root can be *split* into consecutive children; a layout is read through ``expand``,
+    which replaces every space by its current leaves, so a split made late in the walk holds
+    for every tensor that carried the space earlier.
+    """
 
     def __init__(self) -> None:
         self.parent: List[int] = []
         self.size: List[int] = []
         self.reason: List[Optional[str]] = []
         self.origin: List[Optional[str]] = []  # producer layer name, or None
+        self.children: List[Optional[List[int]]] = []
 
     def new(self, size: int, origin: Optional[str] = None, reason: Optional[str] = None) -> int:
         self.parent.append(len(self.parent))
         self.size.append(int(size))
         self.reason.append(reason)
         self.origin.append(origin)
+        self.children.append(None)
         return len(self.parent) - 1
+
+    def leaves(self, space: int) -> List[int]:
+        """The unsplit roots that make up ``space``, in channel order."""
+        root = self.find(space)
+        if self.children[root] is None:
+            return [root]
+        return [leaf for child in self.children[root] for leaf in self.leaves(child)]
+
+    def expand(self, layout: Layout) -> Layout:
+        return tuple(leaf for space in layout for leaf in self.leaves(space))
+
+    def tie(self, first: Layout, second: Layout) -> None:
+        """Make two layouts of equal width the same channels: cut each at the other's segment
+        boundaries, then unite them segment by segment."""
+        while True:
+            a, b = self.expand(first), self.expand(second)
+            cuts_a = set(np.cumsum([self.size[s] for s in a]).tolist())
+            cuts_b = set(np.cumsum([self.size[s] for s in b]).tolist())
+            missing = sorted(cuts_a ^ cuts_b)
+            if not missing:
+                break
+            cut = missing[0]
+            layout = b if cut in cuts_a else a
+            start = 0
+            for leaf in layout:
+                if start < cut < start + self.size[leaf]:
+                    self._split(leaf, cut - start)
+                    break
+                start += self.size[leaf]
+        for x, y in zip(a, b):
+            self.union(x, y)
+
+    def _split(self, leaf: int, first: int) -> None:
+        sizes = (first, self.size[leaf] - first)
+        self.children[leaf] = [self.new(size, self.origin[leaf], self.reason[leaf]) for size in sizes]
 
     def find(self, space: int) -> int:
         root = space
@@ -156,9 +210,9 @@ class _Spaces:
         return a
 
     def fix(self, space: int, reason: str) -> None:
-        root = self.find(space)
-        if self.reason[root] is None:
-            self.reason[root] = reason
+        for root in self.leaves(space):
+            if self.reason[root] is None:
+                self.reason[root] = reason
 
 
 def _channels(shape: Sequence) -> int:
@@ -238,8 +292,9 @@ class ChannelAnalysis:
     def __init__(self, model: tf.keras.Model, spaces: _Spaces, infos: Dict[str, _LayerInfo],
                  order: List[str], barriers: List[Barrier], constant_macs: int,
                  mac_layers: List[Tuple[tf.keras.layers.Layer, tuple, tuple]],
-                 successors: Dict[str, List[str]]) -> None:
+                 successors: Dict[str, List[str]], pads: Optional[Dict[str, str]] = None) -> None:
         self.model = model
+        self._pads = dict(pads or {})
         self._successors = successors
         self._spaces = spaces
         self._infos = infos
@@ -253,15 +308,19 @@ class ChannelAnalysis:
             info = infos[name]
             if info.kind != KIND_PRODUCER:
                 continue
-            root = spaces.find(info.out_layouts[0][0])
-            if spaces.reason[root] is not None:
-                self.frozen[name] = spaces.reason[root]
-            else:
-                producers_by_root.setdefault(root, []).append(name)
+            roots = [spaces.find(space) for space in info.out_layouts[0]]
+            reasons = [spaces.reason[root] for root in roots if spaces.reason[root] is not None]
+            if len(reasons) == len(roots):
+                self.frozen[name] = reasons[0]
+            for root in roots:
+                members = producers_by_root.setdefault(root, []) if spaces.reason[root] is None else []
+                if spaces.reason[root] is None and name not in members:
+                    members.append(name)
         self._group_size: Dict[str, int] = {}
         for root, producers in producers_by_root.items():
-            self._root_group[root] = producers[0]
-            self._group_size[producers[0]] = spaces.size[root]
+            group = self._group_name(root, producers[0])
+            self._root_group[root] = group
+            self._group_size[group] = spaces.size[root]
         self._mac_terms = [self._mac_term(*entry) for entry in mac_layers]
         group_macs: Dict[str, int] = {}
         for term in self._mac_terms:
@@ -273,6 +332,7 @@ class ChannelAnalysis:
         self.groups: Dict[str, ChannelGroup] = {}
         for root, producers in producers_by_root.items():
             group = self._root_group[root]
+            segment = all(len(infos[name].out_layouts[0]) > 1 for name in producers)
             consumers, terminators = [], []
             for name in order:
                 info = infos[name]
@@ -285,8 +345,24 @@ class ChannelAnalysis:
             self.groups[group] = ChannelGroup(
                 name=group, producers=tuple(producers), channels=spaces.size[root],
                 consumers=tuple(consumers), terminators=tuple(terminators),
-                macs=group_macs.get(group, 0))
+                macs=group_macs.get(group, 0), segment=segment)
         self.total_macs = self.macs_for({})
+
+    def _group_name(self, root: int, producer: str) -> str:
+        """The first producer's name; ``name[a:b]`` when the group is a band of its output channels."""
+        layout = self._infos[producer].out_layouts[0]
+        if len(layout) == 1:
+            return producer
+        start = 0
+        for space in layout:
+            if self._spaces.find(space) == root:
+                return f"{producer}[{start}:{start + self._spaces.size[space]}]"
+            start += self._spaces.size[space]
+        raise AssertionError(f"{producer} does not produce space {root}")  # pragma: no cover
+
+    def pad_role(self, layer_name: str) -> Optional[str]:
+        """'pad', 'enter', 'exit' or 'part' for the layers of a channel pad (see ``_channel_pads``)."""
+        return self._pads.get(layer_name)
 
     # ------------------------------------------------------------------ layouts
     def _group_of(self, space: int) -> Optional[str]:
@@ -327,15 +403,16 @@ class ChannelAnalysis:
             return None
         return self._indices(info.out_layouts[0], keep)
 
-    def group_positions(self, layer_name: str, group: str) -> np.ndarray:
-        """Positions of ``group``'s channels on a layer's input axis: array (occurrences, channels).
+    def group_positions(self, layer_name: str, group: str, output: bool = False) -> np.ndarray:
+        """Positions of ``group``'s channels on a layer's input axis (or output axis):
+        array (occurrences, channels).
 
         Row o, column c is where channel c of the group appears for the o-th time (once per
         Concatenate segment or Flatten position that carries it).
         """
         info = self._infos[layer_name]
         rows, offset = [], 0
-        for space in info.in_layouts[0]:
+        for space in (info.out_layouts if output else info.in_layouts)[0]:
             size = self._spaces.size[space]
             if self._group_of(space) == group:
                 rows.append(offset + np.arange(size, dtype=np.int64))
@@ -429,6 +506,63 @@ def _model_nodes(model: tf.keras.Model) -> List[object]:
     return nodes
 
 
+def _dims(layer: tf.keras.layers.Layer) -> Tuple[int, ...]:
+    return tuple(getattr(layer, "dims", ()))
+
+
+def _padding_pair(layer: tf.keras.layers.Layer) -> Tuple[int, int]:
+    padding = layer.padding
+    return (int(padding), int(padding)) if isinstance(padding, int) else (int(padding[0]), int(padding[1]))
+
+
+def _channel_pads(nodes: List[object], calls: Mapping[str, int]) -> Dict[str, str]:
+    """Layers that pad the channel axis with zeros: layer name -> role.
+
+    The chain is ``[Reshape (..., C) -> (P, C)] -> Permute(2, 1) -> ZeroPadding1D(p, q) ->
+    Permute(2, 1) [-> Reshape (P, C + p + q) -> (..., C + p + q)]``, each link read only by
+    the next. Roles: ``pad`` (the ZeroPadding1D), ``enter`` / ``exit`` (the Reshapes, whose
+    target widths surgery rewrites), ``part`` (the Permutes).
+    """
+    readers: Dict[str, List[object]] = {}
+    for node in nodes:
+        for tensor_id in node.flat_input_ids:
+            readers.setdefault(tensor_id, []).append(node)
+    by_name = {node.layer.name: node for node in nodes if calls.get(node.layer.name) == 1}
+
+    def writer(node) -> Optional[object]:
+        if len(node.keras_inputs) != 1:
+            return None
+        return by_name.get(node.keras_inputs[0]._keras_history.layer.name)  # noqa: SLF001 - Keras 2 graph
+
+    def only_reader(node) -> Optional[object]:
+        outputs = list(node.flat_output_ids)
+        found = readers.get(outputs[0], []) if len(outputs) == 1 else []
+        return found[0] if len(found) == 1 and found[0].layer.name in by_name else None
+
+    def swaps(node) -> bool:
+        return (node is not None and isinstance(node.layer, layers.Permute) and _dims(node.layer) == (2, 1)
+                and len(node.keras_inputs) == 1 and len(tuple(node.keras_inputs[0].shape)) == 3)
+
+    roles: Dict[str, str] = {}
+    for node in nodes:
+        if not (isinstance(node.layer, layers.ZeroPadding1D) and node.layer.name in by_name):
+            continue
+        first, last = writer(node), only_reader(node)
+        if not (swaps(first) and swaps(last) and only_reader(first) is node):
+            continue
+        chain = {first.layer.name: "part", node.layer.name: "pad", last.layer.name: "part"}
+        entry, exit_ = writer(first), only_reader(last)
+        if (entry is not None and exit_ is not None and isinstance(entry.layer, layers.Reshape)
+                and isinstance(exit_.layer, layers.Reshape) and only_reader(entry) is first):
+            in_shape = tuple(entry.keras_inputs[0].shape)
+            out_shape = _flat_shapes(exit_.outputs)[0]
+            if in_shape[1:-1] == out_shape[1:-1] and None not in in_shape[1:]:
+                chain[entry.layer.name] = "enter"
+                chain[exit_.layer.name] = "exit"
+        roles.update(chain)
+    return roles
+
+
 def analyze(model: tf.keras.Model) -> ChannelAnalysis:
     """Walk a functional (or Sequential) Keras model and find its prunable channel groups."""
     if not getattr(model, "_is_graph_network", False):
@@ -439,6 +573,7 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
     calls: Dict[str, int] = {}
     for node in nodes:
         calls[node.layer.name] = calls.get(node.layer.name, 0) + 1
+    pads = _channel_pads(nodes, calls)
 
     spaces = _Spaces()
     layouts: Dict[str, Layout] = {}
@@ -461,6 +596,8 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
             kind = KIND_NESTED
             reason = ("nested model" if isinstance(layer, tf.keras.Model)
                       else "layer is called more than once (shared weights)")
+        elif layer.name in pads:
+            kind, reason = (KIND_CHANNEL_PAD if pads[layer.name] == "pad" else KIND_PAD_PART), ""
         else:
             kind, reason = _classify(layer, in_shapes, out_shapes)
         for tensor in node.keras_inputs:
@@ -479,27 +616,21 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
             out_layouts = [(spaces.new(_channels(shape), reason="model input"),) for shape in out_shapes]
         elif kind == KIND_PRODUCER:
             out_layouts = [(spaces.new(_channels(out_shapes[0]), origin=layer.name),)]
-        elif kind in (KIND_DEPTHWISE, KIND_BATCHNORM, KIND_TRANSPARENT):
+        elif kind in (KIND_DEPTHWISE, KIND_BATCHNORM, KIND_TRANSPARENT, KIND_PAD_PART):
             out_layouts = [in_layouts[0]]
+        elif kind == KIND_CHANNEL_PAD:  # zeros: spaces of no producer, tied to whatever they are added to
+            before, after = _padding_pair(layer)
+            out_layouts = [tuple(spaces.new(before) for _ in range(bool(before))) + in_layouts[0]
+                           + tuple(spaces.new(after) for _ in range(bool(after)))]
         elif kind == KIND_FLATTEN:
             repeats = int(np.prod(in_shapes[0][1:-1], dtype=np.int64))
             out_layouts = [in_layouts[0] * repeats]
         elif kind == KIND_CONCAT:
             out_layouts = [tuple(space for layout in in_layouts for space in layout)]
-        elif kind == KIND_MERGE:
+        elif kind == KIND_MERGE:  # equal shapes (checked), so equal widths: cut and tie segment by segment
             first = in_layouts[0]
-            sizes = [tuple(spaces.size[s] for s in layout) for layout in in_layouts]
-            if all(size == sizes[0] for size in sizes):
-                for layout in in_layouts[1:]:
-                    for a, b in zip(first, layout):
-                        spaces.union(a, b)
-            else:  # segments do not line up (e.g. Add of a Concatenate and a conv): keep them all
-                reason = f"{type(layer).__name__} of inputs with different channel segments"
-                barrier_inputs.append((Barrier(layer.name, type(layer).__name__, reason),
-                                       [s for layout in in_layouts for s in layout]))
-                for layout in in_layouts:
-                    for space in layout:
-                        spaces.fix(space, f"meets other channels in '{layer.name}' ({reason})")
+            for layout in in_layouts[1:]:
+                spaces.tie(first, layout)
             out_layouts = [first]
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(kind)
@@ -529,9 +660,13 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
         for space in layouts[str(id(output))]:
             spaces.fix(space, f"reaches the model output '{history.layer.name}'")
 
+    # Every split is known now: layouts from here on list leaves (unsplit spaces).
+    for info in infos.values():
+        info.in_layouts = [spaces.expand(layout) for layout in info.in_layouts]
+        info.out_layouts = [spaces.expand(layout) for layout in info.out_layouts]
     # Report the barriers that stop the channels of some producer (not those on fixed paths only).
-    with_producer = {spaces.find(space) for space, origin in enumerate(spaces.origin) if origin}
+    with_producer = {leaf for space, origin in enumerate(spaces.origin) if origin for leaf in spaces.leaves(space)}
     barriers = [barrier for barrier, inputs in barrier_inputs
-                if any(spaces.find(space) in with_producer for space in inputs)]
+                if any(leaf in with_producer for space in inputs for leaf in spaces.leaves(space))]
     return ChannelAnalysis(model, spaces, infos, order, barriers, int(constant_macs), mac_layers,
-                           successors)
+                           successors, pads)

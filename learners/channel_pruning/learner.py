@@ -75,6 +75,7 @@ class ChannelPruningLearner(Learner):
         super().__init__(options, context)
         self._analysis: Optional[ChannelAnalysis] = None
         self._samples: Optional[np.ndarray] = None
+        self._last_candidate: Tuple[Optional[tf.keras.Model], Mapping[str, int]] = (None, {})
 
     # ------------------------------------------------------------------ analysis
     def analysis(self, model: tf.keras.Model) -> ChannelAnalysis:
@@ -96,7 +97,10 @@ class ChannelPruningLearner(Learner):
         return {name: g.channels for name, g in groups.items() if name not in self.options.protect}
 
     def _floor_counts(self, model: tf.keras.Model) -> Dict[str, int]:
-        return {name: self._snap(channels, max(self.options.min_channels,
+        """Fewest channels per group. min_channels holds for a layer's whole output, so a band of a
+        residual stream (its layers also carry other bands) only keeps one channel_multiple."""
+        groups = self.analysis(model).groups
+        return {name: self._snap(channels, max(1 if groups[name].segment else self.options.min_channels,
                                                int(np.ceil(self.options.min_ratio * channels))), up=True)
                 for name, channels in self._groups(model).items()}
 
@@ -225,6 +229,7 @@ class ChannelPruningLearner(Learner):
             recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
             train(pruned, self.context.dataset, from_trained(recovery), distributed=self.context.distributed,
                   seed=self.context.seed, description="recovery")
+        self._last_candidate = (pruned, dict(hparams.keep_counts))
         return pruned
 
     def finetune(self, model: tf.keras.Model, epochs: float,
@@ -256,9 +261,14 @@ class ChannelPruningLearner(Learner):
     def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
         if self._analysis is None:
             return {}
-        after = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
-        return {"channels": {name: {"before": group.channels, "after": after.get(name)}
-                             for name, group in self._analysis.groups.items()},
+        groups = self._analysis.groups
+        candidate, counts = self._last_candidate
+        if candidate is model:
+            after = {name: counts.get(name, group.channels) for name, group in groups.items()}
+        else:  # not built here: the widths of layers that are whole groups (a stream's bands: None)
+            widths = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
+            after = {name: widths.get(name) for name in groups}
+        return {"channels": {name: {"before": group.channels, "after": after[name]} for name, group in groups.items()},
                 "barriers": self._analysis.summary()["barriers"]}
 
 

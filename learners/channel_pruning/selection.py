@@ -48,7 +48,9 @@ def l1_scores(analysis: ChannelAnalysis, group: str) -> np.ndarray:
     for name in analysis.groups[group].producers:
         layer = model.get_layer(name)
         kernel = layer.get_weights()[1 if isinstance(layer, _SEPARABLE) else 0]
-        scores += np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        norms = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        for positions in analysis.group_positions(name, group, output=True):  # the group's band of outputs
+            scores += norms[positions]
     return scores
 
 

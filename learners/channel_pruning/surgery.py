@@ -60,6 +60,25 @@ def _layer_configs(config: dict) -> List[dict]:
     return [entry["config"] for entry in config["layers"]]
 
 
+def _resize_channel_pad(layer_config: dict, analysis: ChannelAnalysis, name: str,
+                        kept: Mapping[str, np.ndarray]) -> None:
+    """A channel pad pads as many zeros as its bands keep; its Reshapes follow the new widths."""
+    role = analysis.pad_role(name)
+    if role == "pad":
+        before, after = layer_config["padding"] if isinstance(layer_config["padding"], (list, tuple)) \
+            else (layer_config["padding"],) * 2
+        width = len(analysis.output_indices(name, {}))  # before pruning
+        kept_positions = analysis.output_indices(name, kept)
+        layer_config["padding"] = (int(np.sum(kept_positions < before)),
+                                   int(np.sum(kept_positions >= width - after)))
+    elif role == "enter":
+        layer_config["target_shape"] = tuple(layer_config["target_shape"][:-1]) + (
+            len(analysis.input_indices(name, kept)),)
+    elif role == "exit":
+        layer_config["target_shape"] = tuple(layer_config["target_shape"][:-1]) + (
+            len(analysis.output_indices(name, kept)),)
+
+
 def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
           new_weights: Optional[Mapping[str, List[np.ndarray]]] = None,
           analysis: Optional[ChannelAnalysis] = None,
@@ -77,6 +96,8 @@ def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
     config = copy.deepcopy(model.get_config())
     for layer_config in _layer_configs(config):
         name = layer_config["name"]
+        if analysis.pad_role(name) is not None:
+            _resize_channel_pad(layer_config, analysis, name, kept)
         if analysis.layer_kind(name) != KIND_PRODUCER:
             continue
         width = len(analysis.output_indices(name, kept))

@@ -93,6 +93,35 @@ def concat_block():
     return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="concat")
 
 
+def pad_shortcut():
+    """He et al.'s CIFAR shortcut (option A): subsample, then zero-pad the channel axis."""
+    inputs = tf.keras.Input((8, 8, 3))
+    stem = _conv_bn_relu(inputs, 4, "stem")
+    x = _conv_bn_relu(stem, 8, "a", strides=2)
+    x = L.Conv2D(8, 3, padding="same", use_bias=False, name="b")(x)
+    x = L.BatchNormalization(name="b_bn")(x)
+    shortcut = L.AveragePooling2D(1, strides=2, name="subsample")(stem)
+    shortcut = L.Reshape((16, 4), name="flat")(shortcut)
+    shortcut = L.Permute((2, 1), name="perm1")(shortcut)
+    shortcut = L.ZeroPadding1D((2, 2), name="channel_pad")(shortcut)
+    shortcut = L.Permute((2, 1), name="perm2")(shortcut)
+    shortcut = L.Reshape((4, 4, 8), name="unflat")(shortcut)
+    x = L.ReLU(name="out_relu")(L.Add(name="add")([x, shortcut]))
+    x = _conv_bn_relu(x, 6, "c")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="pad_shortcut")
+
+
+def concat_add():
+    """An Add of a Concatenate and a conv: the conv's channels are cut where the Concatenate's are."""
+    inputs = tf.keras.Input((8, 8, 3))
+    joined = L.Concatenate(name="cat")([_conv_bn_relu(inputs, 3, "a"), _conv_bn_relu(inputs, 5, "b", kernel=1)])
+    x = L.Add(name="add")([joined, L.Conv2D(8, 3, padding="same", name="c")(inputs)])
+    x = _conv_bn_relu(x, 4, "d")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="concat_add")
+
+
 def lambda_barrier():
     inputs = tf.keras.Input((8, 8, 3))
     x = _conv_bn_relu(inputs, 6, "c1")
@@ -104,7 +133,7 @@ def lambda_barrier():
 
 
 SAVEABLE = [chain_gap, chain_flatten, residual, lambda: residual(projection=True), depthwise_block,
-            separable_block, concat_block]
+            separable_block, concat_block, pad_shortcut, concat_add]
 EXPECTED_GROUPS = {
     "chain_gap": {"c1": ("c1",), "c2": ("c2",), "c3": ("c3",)},
     "chain_flatten": {"c1": ("c1",), "c2": ("c2",), "hidden": ("hidden",)},
@@ -113,6 +142,9 @@ EXPECTED_GROUPS = {
     "depthwise": {"c1": ("c1",), "c2": ("c2",)},
     "separable": {"c1": ("c1",), "sep": ("sep",), "c2": ("c2",)},
     "concat": {"a": ("a",), "b": ("b",), "c": ("c",)},
+    # The stem's channels run through the pad into b's middle band; b's outer bands meet zeros.
+    "pad_shortcut": {"stem": ("stem", "b"), "a": ("a",), "b[0:2]": ("b",), "b[6:8]": ("b",), "c": ("c",)},
+    "concat_add": {"a": ("a", "c"), "b": ("b", "c"), "d": ("d",)},
 }
 
 
@@ -233,9 +265,13 @@ def test_pruning_removes_channels_and_computes_the_masked_model(build, rng, tmp_
     pruned = prune(model, keep, analysis=analysis)
     x = rng.normal(size=(3,) + tuple(model.input_shape[1:])).astype(np.float32)
     np.testing.assert_allclose(pruned(x), _masked_reference(model, analysis, keep)(x), atol=1e-4)
+    widths = {}  # a producer can carry several groups (bands of a residual stream)
     for name, indices in keep.items():
         for producer in analysis.groups[name].producers:
-            assert pruned.get_layer(producer).output_shape[-1] == len(indices)
+            bands = analysis.group_positions(producer, name, output=True).shape[0]
+            widths[producer] = widths.get(producer, 0) + bands * len(indices)
+    for producer, width in widths.items():
+        assert pruned.get_layer(producer).output_shape[-1] == width
     assert count_params(pruned) < count_params(model)
     assert count_macs(pruned) < count_macs(model)
     assert analysis.macs_for({name: len(idx) for name, idx in keep.items()}) == count_macs(pruned)
@@ -395,17 +431,24 @@ def resnet20():
     return tf.keras.models.load_model(shared_file("pretrained/resnet20_cifar10.h5"), compile=False)
 
 
+BLOCKS20 = [f"layer{stage}.{block}.conv1" for stage in (1, 2, 3) for block in range(3)]
+# The residual stream through the zero-padding shortcuts: the stem's 16 channels run through every
+# stage; stage 2 adds 8 + 8 channels that meet zeros in its shortcut, stage 3 another 16 + 16.
+STREAM20 = {"conv1": 16, "layer2.0.conv2[0:8]": 8, "layer2.0.conv2[24:32]": 8, "layer3.0.conv2[0:16]": 16,
+            "layer3.0.conv2[48:64]": 16}
+
+
 def test_resnet20_analysis_and_half_pruning(resnet20, tmp_path):
     analysis = analyze(resnet20)
-    blocks = [f"layer{stage}.{block}.conv1" for stage in (1, 2, 3) for block in range(3)]
-    assert list(analysis.groups) == blocks
-    for name in blocks:
+    assert set(analysis.groups) == set(BLOCKS20) | set(STREAM20)
+    for name in BLOCKS20:
         assert analysis.groups[name].terminators == (name.replace("conv1", "conv2"),)
-    assert {b.layer for b in analysis.barriers} == {"layer2.0.shortcut_flat", "layer3.0.shortcut_flat"}
-    assert "shortcut_flat" in analysis.frozen["layer1.0.conv2"] and "linear" in analysis.frozen
+    assert {name: analysis.groups[name].channels for name in STREAM20} == STREAM20
+    assert analysis.groups["layer3.0.conv2[0:16]"].terminators == ("layer3.1.conv1", "layer3.2.conv1", "linear")
+    assert analysis.barriers == [] and list(analysis.frozen) == ["linear"]
     assert analysis.total_macs == count_macs(resnet20)
 
-    pruned, info = prune_model(resnet20, {name: 0.5 for name in analysis.groups}, "l1", analysis=analysis)
+    pruned, info = prune_model(resnet20, {name: 0.5 for name in BLOCKS20}, "l1", analysis=analysis)
     assert info.macs_after == count_macs(pruned)
     assert 1.95 < info.macs_before / info.macs_after < 2.0
     assert analysis.total_macs / analysis.min_macs() > 2.5  # 2x and 2.5x are both reachable
@@ -417,10 +460,28 @@ def test_resnet20_analysis_and_half_pruning(resnet20, tmp_path):
     assert loaded.get_layer("layer3.2.conv1").output_shape[-1] == 32
 
 
+def test_resnet20_stream_pruning_rewrites_the_shortcut_pads(resnet20, tmp_path):
+    """Half of every stream band: the pads pad half as many zeros, and the pruned model computes
+    what the original computes with those channels' readers masked."""
+    analysis = analyze(resnet20)
+    keep = {name: np.arange(0, channels, 2) for name, channels in STREAM20.items()}
+    pruned = prune(resnet20, keep, analysis=analysis)
+    assert pruned.get_layer("layer2.0.shortcut_chpad").padding == (4, 4)
+    assert pruned.get_layer("layer3.0.shortcut_chpad").padding == (8, 8)
+    assert pruned.get_layer("layer3.0.shortcut_unflat").output_shape[-1] == 32
+    assert pruned.get_layer("layer3.2.conv2").output_shape[-1] == 32
+    assert analysis.macs_for({name: len(indices) for name, indices in keep.items()}) == count_macs(pruned)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(pruned(x), _masked_reference(resnet20, analysis, keep)(x), atol=1e-4)
+    path = tmp_path / "resnet20_stream.keras"
+    pruned.save(path)
+    np.testing.assert_allclose(tf.keras.models.load_model(path, compile=False)(x), pruned(x), atol=1e-5)
+
+
 def test_resnet56_keep_all_is_exact():
     model = tf.keras.models.load_model(shared_file("pretrained/resnet56_cifar10.h5"), compile=False)
     analysis = analyze(model)
-    assert len(analysis.groups) == 27
+    assert len(analysis.groups) == 27 + 5  # block-internal channels, and the stream's 5 bands
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(prune(model, {}, analysis=analysis)(x), model(x), atol=1e-5)
 
@@ -429,7 +490,7 @@ def test_resnet20_lasso_reconstruction_beats_l1(resnet20):
     """The key quality check: at keep ratio 0.5, LASSO + least squares >> L1 without re-fit."""
     test_images, test_labels = _cifar("test_batch.bin", 1000)
     train_images, _ = _cifar("data_batch_1.bin", 500)
-    ratios = {name: 0.5 for name in analyze(resnet20).groups}
+    ratios = {name: 0.5 for name in BLOCKS20}
 
     def accuracy(model):
         logits = model.predict(test_images, batch_size=250, verbose=0)
