@@ -47,6 +47,9 @@ class ChannelConfig:
     min_channels: int = 8
     sample_images: int = 400  # training images whose feature maps drive LASSO and reconstruction
     recovery_epochs: float = 0.0  # optional short training of every candidate before it is scored
+    # BatchNorm statistics re-estimated on this many training batches in every candidate before it
+    # is scored (EagleEye's adaptive BatchNorm); 0 scores the reconstructed candidate as it is.
+    recalibrate_batches: int = 0
     protect: Tuple[str, ...] = ()  # producer layer names whose channels are never pruned
 
     def __post_init__(self) -> None:
@@ -54,6 +57,7 @@ class ChannelConfig:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
         check_fields("channel", self, {
             "channel_multiple": AT_LEAST_1, "min_channels": AT_LEAST_1, "recovery_epochs": AT_LEAST_0,
+            "recalibrate_batches": AT_LEAST_0,
             "sample_images": (lambda value: value >= 16, "must be >= 16")})
 
 
@@ -225,6 +229,11 @@ class ChannelPruningLearner(Learner):
                                    analysis=analysis, seed=self.context.seed)
         if info.not_reconstructed:
             log.debug("not reconstructed: %s", info.not_reconstructed)
+        if self.options.recalibrate_batches > 0:
+            from learners.weight_sparsification.schedule import recalibrate_batchnorm
+
+            recalibrate_batchnorm(pruned, self.context.dataset, self.options.recalibrate_batches,
+                                  self.context.schedule.batch_size, seed=self.context.seed)
         if self.options.recovery_epochs > 0:
             recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
             train(pruned, self.context.dataset, from_trained(recovery), distributed=self.context.distributed,
