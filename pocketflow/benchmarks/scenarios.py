@@ -150,6 +150,12 @@ add(
              ("--trials", "1", "--finetune-epochs", "1", "--no-distill"), minutes=8),
     Scenario("resnet20-channel-3x-distill", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "1", "--finetune-epochs", "1", "--distill"), minutes=9),
+    # What pruning the residual stream is worth: the same recipe with the stream's bands kept whole
+    # (what the analysis could do before it saw through the zero-padding shortcuts).
+    Scenario("resnet20-channel-3x-distill-blocks", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "1", "--distill", "--set",
+              'channel.protect=[conv1, "layer2.0.conv2[0:8]", "layer2.0.conv2[24:32]", "layer3.0.conv2[0:16]", '
+              '"layer3.0.conv2[48:64]"]'), minutes=9),
     Scenario("resnet56-channel-2.5x", "resnet56", "channel", ("--target-speedup", "2.5"),
              ("--trials", "12", "--finetune-epochs", "3"), minutes=40,
              published=Published("-0.4 points (ChannelPrunedLearner, full GPU fine-tuning)", "PocketFlow docs")),
