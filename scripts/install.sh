@@ -10,6 +10,8 @@ python -m pip install --upgrade "pip>=23" setuptools wheel
 python -m pip install -e ".[test]"
 # Optuna's GP sampler (--sampler gp) and the Torch-Pruning peer run on PyTorch; the CPU build is enough.
 python -c "import torch" 2>/dev/null || python -m pip install "torch==2.13.0" || python -m pip install torch
+# The benchmark peer (pocketflow/benchmarks/torch_pruning_peer.py); pure Python, so no second torch.
+python -m pip install --no-deps "torch-pruning==1.6.1"
 
 # Horovod 0.28.1 builds from source against the installed TensorFlow, with Gloo (no MPI needed).
 # CMake 4 rejects its bundled gloo, hence cmake<4; --no-build-isolation lets it see TensorFlow.

@@ -132,6 +132,14 @@ def tflite_ptq(run: PeerRun) -> Dict[str, Any]:
     return {"accuracy": shipped.accuracy, "shipped": shipped, "shipped_format": "int8 TFLite"}
 
 
+@PEERS.register("torch-pruning")
+def torch_pruning(run: PeerRun) -> Dict[str, Any]:
+    """Torch-Pruning 1.6 (group-norm importance, global ranking) on a PyTorch copy of the same weights."""
+    from pocketflow.benchmarks.torch_pruning_peer import run_torch_pruning
+
+    return run_torch_pruning(run)
+
+
 def load_run(argv: List[str], output_dir: Path) -> PeerRun:
     """The baseline, data and recipe main.py would use for ``argv`` (a model file or a cached net)."""
     from learners import LEARNERS

@@ -120,6 +120,12 @@ for subject in ("lenet-mnist", "lenet-fashion"):
 add(
     Scenario("resnet20-channel-2x", "resnet20", "channel", ("--target-speedup", "2.0"),
              ("--trials", "10", "--finetune-epochs", "1"), minutes=8),
+    # Torch-Pruning 1.6 on a PyTorch copy of the same weights (block-inner channels, global group-norm
+    # ranking, our fine-tuning recipe and batches), as its users run it and with our distillation.
+    Scenario("resnet20-torch-pruning-2x", "resnet20", "torch-pruning", ("--target-speedup", "2.0"),
+             ("--finetune-epochs", "1"), peer=True, minutes=8),
+    Scenario("resnet20-torch-pruning-2x-distill", "resnet20", "torch-pruning", ("--target-speedup", "2.0"),
+             ("--finetune-epochs", "1", "--distill"), peer=True, minutes=9),
     Scenario("resnet20-l1-uniform-2x", "resnet20", "channel", ("--target-speedup", "2.0"),
              ("--trials", "1", "--finetune-epochs", "1", "--set", "channel.mode=uniform", "--set",
               "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
@@ -156,6 +162,8 @@ add(
              ("--trials", "1", "--finetune-epochs", "1", "--distill", "--set",
               'channel.protect=[conv1, "layer2.0.conv2[0:8]", "layer2.0.conv2[24:32]", "layer3.0.conv2[0:16]", '
               '"layer3.0.conv2[48:64]"]'), minutes=9),
+    Scenario("resnet20-torch-pruning-3x-distill", "resnet20", "torch-pruning", ("--target-speedup", "3.0"),
+             ("--finetune-epochs", "1", "--distill"), peer=True, minutes=9),
     Scenario("resnet56-channel-2.5x", "resnet56", "channel", ("--target-speedup", "2.5"),
              ("--trials", "12", "--finetune-epochs", "3"), minutes=40,
              published=Published("-0.4 points (ChannelPrunedLearner, full GPU fine-tuning)", "PocketFlow docs")),
