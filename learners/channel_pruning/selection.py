@@ -450,8 +450,8 @@ def _terminators(analysis: ChannelAnalysis, groups: List[str]) -> Tuple[List[str
 def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criterion: str = "l1",
                 sample_images: Optional[np.ndarray] = None, *, reconstruct: Optional[bool] = None,
                 sequential: bool = True, analysis: Optional[ChannelAnalysis] = None,
-                positions_per_image: int = 16, batch_size: int = 128,
-                seed: int = 0) -> Tuple[tf.keras.Model, PruneInfo]:
+                positions_per_image: int = 16, batch_size: int = 128, seed: int = 0,
+                moments_cache: Optional[Dict[str, "_Moments"]] = None) -> Tuple[tf.keras.Model, PruneInfo]:
     """Prune each group to max(1, round(ratio * channels)) channels; returns (model, info).
 
     criterion: "l1" (filter norms, no data); "lasso" (He et al. 2017: LASSO on the channels'
@@ -463,7 +463,9 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     of the already re-fitted pruned model (corrects the error that accumulates along the
     net); False re-fits all from the original's inputs. Groups not named in ``keep_ratios``
     keep all their channels. Groups whose readers cannot be re-fitted (SeparableConv2D,
-    Conv1D, ...) fall back to L1.
+    Conv1D, ...) fall back to L1. moments_cache: an empty dict to fill, then pass again with the
+    same model, images and seed: the original model's sampled moments are the same for every
+    candidate, so a search computes them once (for every group's readers) instead of per trial.
     """
     started = time.perf_counter()
     if criterion not in CRITERIA:
@@ -482,8 +484,16 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
                              "reconstruction sample a single-input model (use criterion 'l1')")
         sample_images = np.asarray(sample_images, dtype=np.float32)
     one_shot = reconstruct and not sequential
-    moments = (_sample_moments(model, terminators, sample_images, positions_per_image, batch_size, seed)
-               if terminators and (criterion != "l1" or one_shot) else {})
+    moments: Dict[str, _Moments] = {}
+    if terminators and (criterion != "l1" or one_shot):
+        if moments_cache is None:
+            moments = _sample_moments(model, terminators, sample_images, positions_per_image, batch_size, seed)
+        else:
+            if not moments_cache:
+                every, _ = _terminators(analysis, list(analysis.groups))
+                moments_cache.update(_sample_moments(model, every, sample_images, positions_per_image,
+                                                     batch_size, seed))
+            moments = moments_cache
 
     keep: Dict[str, np.ndarray] = {}
     selection: Dict[str, str] = {}

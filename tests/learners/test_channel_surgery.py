@@ -508,3 +508,17 @@ def test_resnet20_lasso_reconstruction_beats_l1(resnet20):
           f"L1 without reconstruction {l1_accuracy:.3f}")
     assert baseline > 0.88
     assert lasso_accuracy > l1_accuracy + 0.3
+
+
+def test_moments_are_sampled_once_per_search(resnet20):
+    """A search passes one cache: the baseline's moments are computed for every group's readers on
+    the first candidate and reused, and a candidate built from the cache is the same each time."""
+    train_images, _ = _cifar("data_batch_1.bin", 200)
+    cache = {}
+    ratios = {name: 0.5 for name in BLOCKS20}
+    first, _ = prune_model(resnet20, ratios, "lasso", train_images, moments_cache=cache)
+    readers = {t for group in analyze(resnet20).groups.values() for t in group.terminators}
+    assert set(cache) == readers
+    second, _ = prune_model(resnet20, ratios, "lasso", train_images, moments_cache=cache)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(first(x), second(x))
