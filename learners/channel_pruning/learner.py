@@ -49,7 +49,9 @@ class ChannelConfig:
     recovery_epochs: float = 0.0  # optional short training of every candidate before it is scored
     # BatchNorm statistics re-estimated on this many training batches in every candidate before it
     # is scored (EagleEye's adaptive BatchNorm); 0 scores the reconstructed candidate as it is.
-    recalibrate_batches: int = 0
+    # It ranks candidates as fine-tuning will: Spearman 0.90 against 0.71 with the fine-tuned test
+    # accuracy, 8 candidates on ResNet-20 at 3x (docs/benchmarks/proxy_quality.json).
+    recalibrate_batches: int = 20
     protect: Tuple[str, ...] = ()  # producer layer names whose channels are never pruned
 
     def __post_init__(self) -> None:
