@@ -282,6 +282,9 @@ class ChannelPruningLearner(Learner):
             widths = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
             after = {name: widths.get(name) for name in groups}
         return {"channels": {name: {"before": group.channels, "after": after[name]} for name, group in groups.items()},
-                "barriers": self._analysis.summary()["barriers"]}
+                "barriers": self._analysis.summary()["barriers"],
+                "trial_score": (f"validation accuracy after BatchNorm re-estimation on "
+                                f"{self.options.recalibrate_batches} training batches"
+                                if self.options.recalibrate_batches else "validation accuracy as reconstructed")}
 
 
