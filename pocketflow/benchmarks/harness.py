@@ -163,8 +163,8 @@ def render_table(results: Dict[str, Any], published: Dict[str, Any]) -> str:
     when = dates[0] if len(dates) == 1 else f"between {dates[0]} and {dates[-1]}" if dates else "-"
     info = results.get("machine") or {}
     lines = [f"Measured {when} on {info.get('cpu_count')} CPUs ({info.get('processor')}); each row's date, "
-             "runtime, commit and exact command are in `docs/benchmarks/results.json`. The latest command: "
-             f"`{results.get('command')}`.", "",
+             "runtime, commit and exact command are in `docs/benchmarks/results.json`; "
+             "`python scripts/benchmark.py --scenario NAME --force` measures a row again.", "",
              "| " + " | ".join(title for _, title in COLUMNS) + " | status |",
              "|" + "---|" * (len(COLUMNS) + 1)]
     for row in rows:
