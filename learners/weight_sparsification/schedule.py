@@ -68,6 +68,9 @@ def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, ba
     layers = batchnorm_layers(model)
     if not layers or batches <= 0:
         return 0
+    # The same batches whatever ran before in this process (a baseline trained here or loaded from
+    # the cache, a search resumed): the shuffle's order also depends on TensorFlow's global seed.
+    tf.random.set_seed(seed)
     momenta = [layer.momentum for layer in layers]
     done = 0
     try:
