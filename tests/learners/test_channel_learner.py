@@ -106,24 +106,23 @@ def test_bad_options():
 
 
 def test_recalibrated_candidates_carry_the_statistics_of_their_own_activations(trained):
-    """channel.recalibrate_batches: BatchNorm's moving mean becomes the mean of what the pruned conv
-    now outputs on training images (the re-fit alone leaves the original's statistics, shifted)."""
-    dataset, model, _ = trained
-    params = None
-    means = {}
-    for batches in (0, 10):
-        learner = learner_for(trained, 2.5, recalibrate_batches=batches)
-        params = params or learner.reference_params()
-        candidate = learner.compress(model, learner.search_space(optuna.trial.FixedTrial(params)))
-        # The last BatchNorm: its conv reads pruned channels and was re-fitted.
-        batchnorm = [layer for layer in candidate.layers if isinstance(layer, tf.keras.layers.BatchNormalization)][-1]
-        conv = candidate.get_layer(batchnorm._inbound_nodes[0].inbound_layers.name)
-        probe = tf.keras.Model(candidate.inputs, conv.output)
-        observed = probe(dataset.sample_train(400, seed=3)).numpy().reshape(-1, conv.filters).mean(axis=0)
-        means[batches] = np.abs(batchnorm.moving_mean.numpy() - observed).max()
-    # Measured 0.069 -> 0.037: not zero, since the earlier layers normalize by batch statistics while
-    # the moving averages are gathered, and by the moving ones here.
-    assert means[10] < 0.6 * means[0]
+    """channel.recalibrate_batches: BatchNorm's moving mean becomes the average, over the batches
+    used, of what the pruned conv now outputs in training mode; the momentum is given back."""
+    from learners.weight_sparsification.schedule import recalibrate_batchnorm
+
+    dataset, model, schedule = trained
+    learner = learner_for(trained, 2.5, recalibrate_batches=0)
+    candidate = learner.compress(model, learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    first = [layer for layer in candidate.layers if isinstance(layer, tf.keras.layers.BatchNormalization)][0]
+    conv = candidate.get_layer(first._inbound_nodes[0].inbound_layers.name)  # reads the image only
+    before = first.moving_mean.numpy().copy()
+    assert recalibrate_batchnorm(candidate, dataset, 5, schedule.batch_size, seed=7) == 5
+    tf.random.set_seed(7)  # the same batches again
+    batches = dataset.train(schedule.batch_size, shuffle=True, seed=8, repeat=True).take(5)
+    expected = np.mean([conv(images).numpy().reshape(-1, conv.filters).mean(axis=0) for images, _ in batches], axis=0)
+    np.testing.assert_allclose(first.moving_mean.numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(before - expected).max() > 1e-3  # the pre-training statistics were replaced
+    assert first.momentum == 0.99
 
 
 def test_a_band_of_a_residual_stream_keeps_one_channel_multiple():
