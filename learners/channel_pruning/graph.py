@@ -313,9 +313,10 @@ class ChannelAnalysis:
             if len(reasons) == len(roots):
                 self.frozen[name] = reasons[0]
             for root in roots:
-                members = producers_by_root.setdefault(root, []) if spaces.reason[root] is None else []
-                if spaces.reason[root] is None and name not in members:
-                    members.append(name)
+                if spaces.reason[root] is None:
+                    members = producers_by_root.setdefault(root, [])
+                    if name not in members:
+                        members.append(name)
         self._group_size: Dict[str, int] = {}
         for root, producers in producers_by_root.items():
             group = self._group_name(root, producers[0])
@@ -620,8 +621,8 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
             out_layouts = [in_layouts[0]]
         elif kind == KIND_CHANNEL_PAD:  # zeros: spaces of no producer, tied to whatever they are added to
             before, after = _padding_pair(layer)
-            out_layouts = [tuple(spaces.new(before) for _ in range(bool(before))) + in_layouts[0]
-                           + tuple(spaces.new(after) for _ in range(bool(after)))]
+            out_layouts = [((spaces.new(before),) if before else ()) + in_layouts[0]
+                           + ((spaces.new(after),) if after else ())]
         elif kind == KIND_FLATTEN:
             repeats = int(np.prod(in_shapes[0][1:-1], dtype=np.int64))
             out_layouts = [in_layouts[0] * repeats]

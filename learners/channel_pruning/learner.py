@@ -52,7 +52,7 @@ class ChannelConfig:
     # It ranks candidates as fine-tuning will: Spearman 0.90 against 0.71 with the fine-tuned test
     # accuracy, 8 candidates on ResNet-20 at 3x (docs/benchmarks/proxy_quality.json).
     recalibrate_batches: int = 20
-    protect: Tuple[str, ...] = ()  # producer layer names whose channels are never pruned
+    protect: Tuple[str, ...] = ()  # group names never pruned (a producer, or producer[a:b] for a stream band)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_ratio <= 1.0:

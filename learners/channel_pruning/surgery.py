@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from learners.channel_pruning.graph import (
-    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, analyze,
+    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, _padding_pair, analyze,
 )
 
 layers = tf.keras.layers
@@ -65,8 +65,7 @@ def _resize_channel_pad(layer_config: dict, analysis: ChannelAnalysis, name: str
     """A channel pad pads as many zeros as its bands keep; its Reshapes follow the new widths."""
     role = analysis.pad_role(name)
     if role == "pad":
-        before, after = layer_config["padding"] if isinstance(layer_config["padding"], (list, tuple)) \
-            else (layer_config["padding"],) * 2
+        before, after = _padding_pair(analysis.model.get_layer(name))
         width = len(analysis.output_indices(name, {}))  # before pruning
         kept_positions = analysis.output_indices(name, kept)
         layer_config["padding"] = (int(np.sum(kept_positions < before)),
