@@ -172,6 +172,18 @@ add(
     Scenario("resnet56-tflite-ptq-int8", "resnet56", "tflite-ptq", (), peer=True, minutes=2),
 )
 
+# ----------------------------------------------------------------------------- the channel job on a user's budget
+# Default settings (distilled fine-tuning, BatchNorm-recalibrated trial score) at the epoch budgets the
+# acceptance of issue #16 fixes: ResNet-20 at 2x and 3x with 5 epochs, ResNet-56 at 2.5x with 10.
+add(
+    Scenario("resnet20-channel-2x-5ep", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "5"), minutes=25),
+    Scenario("resnet20-channel-3x-5ep", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "5"), minutes=25),
+    Scenario("resnet56-channel-2.5x-10ep", "resnet56", "channel", ("--target-speedup", "2.5"),
+             ("--trials", "12", "--finetune-epochs", "10"), minutes=95),
+)
+
 
 def select(names: List[str], quick: bool, shared_available: bool) -> List[Scenario]:
     """The scenarios to run: named ones, or all (quick: the quick ones); shared-data ones need the data."""
