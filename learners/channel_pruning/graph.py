@@ -35,6 +35,11 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from learners.channel_pruning import tf_ops
+from learners.channel_pruning.kinds import (  # noqa: F401 - re-exported: the kinds are part of this API
+    KIND_BARRIER, KIND_BATCHNORM, KIND_CHANNEL_PAD, KIND_CONCAT, KIND_DEPTHWISE, KIND_FLATTEN, KIND_INPUT,
+    KIND_MERGE, KIND_NESTED, KIND_PAD_PART, KIND_PRODUCER, KIND_TRANSPARENT,
+)
 from pocketflow import metrics
 
 layers = tf.keras.layers
@@ -67,20 +72,6 @@ _PLAIN_CONV = _classes("Conv1D", "Conv2D", "Conv3D")
 _TRANSPOSED_CONV = _classes("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
 _SEPARABLE = _classes("SeparableConv1D", "SeparableConv2D")
 _DEPTHWISE = _classes("DepthwiseConv1D", "DepthwiseConv2D")
-
-# What each kind of layer does to the layout (see ``_LayerInfo.kind``).
-KIND_INPUT = "input"
-KIND_PRODUCER = "producer"      # new output channels; reads (and slices) its input channels
-KIND_DEPTHWISE = "depthwise"    # per-channel weights, output channels follow the input's
-KIND_BATCHNORM = "batchnorm"    # per-channel weights, transparent
-KIND_TRANSPARENT = "transparent"
-KIND_FLATTEN = "flatten"
-KIND_MERGE = "merge"            # element-wise: ties its inputs' spaces
-KIND_CONCAT = "concat"          # along the channel axis: joins layouts
-KIND_BARRIER = "barrier"        # not understood: inputs fixed, outputs new fixed spaces
-KIND_CHANNEL_PAD = "channel_pad"  # zeros before and after the channel axis (ZeroPadding1D in a pad chain)
-KIND_PAD_PART = "pad_part"      # Reshape/Permute of a pad chain: passes the layout through
-KIND_NESTED = "nested"          # nested model or layer called several times: a barrier
 
 _CHANNELS_LAST = "channels_last"
 
@@ -292,9 +283,11 @@ class ChannelAnalysis:
     def __init__(self, model: tf.keras.Model, spaces: _Spaces, infos: Dict[str, _LayerInfo],
                  order: List[str], barriers: List[Barrier], constant_macs: int,
                  mac_layers: List[Tuple[tf.keras.layers.Layer, tuple, tuple]],
-                 successors: Dict[str, List[str]], pads: Optional[Dict[str, str]] = None) -> None:
+                 successors: Dict[str, List[str]], pads: Optional[Dict[str, str]] = None,
+                 pad_widths: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
         self.model = model
         self._pads = dict(pads or {})
+        self._pad_widths = dict(pad_widths or {})
         self._successors = successors
         self._spaces = spaces
         self._infos = infos
@@ -364,6 +357,10 @@ class ChannelAnalysis:
     def pad_role(self, layer_name: str) -> Optional[str]:
         """'pad', 'enter', 'exit' or 'part' for the layers of a channel pad (see ``_channel_pads``)."""
         return self._pads.get(layer_name)
+
+    def pad_widths(self, layer_name: str) -> Tuple[int, int]:
+        """Zeros a channel pad adds before and after its input's channels, before pruning."""
+        return self._pad_widths[layer_name]
 
     # ------------------------------------------------------------------ layouts
     def _group_of(self, space: int) -> Optional[str]:
@@ -575,6 +572,7 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
     for node in nodes:
         calls[node.layer.name] = calls.get(node.layer.name, 0) + 1
     pads = _channel_pads(nodes, calls)
+    pad_widths = {name: _padding_pair(model.get_layer(name)) for name, role in pads.items() if role == "pad"}
 
     spaces = _Spaces()
     layouts: Dict[str, Layout] = {}
@@ -599,6 +597,11 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
                       else "layer is called more than once (shared weights)")
         elif layer.name in pads:
             kind, reason = (KIND_CHANNEL_PAD if pads[layer.name] == "pad" else KIND_PAD_PART), ""
+        elif tf_ops.is_tf_op(layer) and all(_channels(shape) for shape in in_shapes + out_shapes):
+            op = tf_ops.classify(layer, node, in_shapes, out_shapes)
+            kind, reason = op.kind, op.reason
+            if kind == KIND_CHANNEL_PAD:
+                pads[layer.name], pad_widths[layer.name] = "pad", op.padding
         else:
             kind, reason = _classify(layer, in_shapes, out_shapes)
         for tensor in node.keras_inputs:
@@ -620,7 +623,7 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
         elif kind in (KIND_DEPTHWISE, KIND_BATCHNORM, KIND_TRANSPARENT, KIND_PAD_PART):
             out_layouts = [in_layouts[0]]
         elif kind == KIND_CHANNEL_PAD:  # zeros: spaces of no producer, tied to whatever they are added to
-            before, after = _padding_pair(layer)
+            before, after = pad_widths[layer.name]
             out_layouts = [((spaces.new(before),) if before else ()) + in_layouts[0]
                            + ((spaces.new(after),) if after else ())]
         elif kind == KIND_FLATTEN:
@@ -670,4 +673,4 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
     barriers = [barrier for barrier, inputs in barrier_inputs
                 if any(leaf in with_producer for space in inputs for leaf in spaces.leaves(space))]
     return ChannelAnalysis(model, spaces, infos, order, barriers, int(constant_macs), mac_layers,
-                           successors, pads)
+                           successors, pads, pad_widths)

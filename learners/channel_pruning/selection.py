@@ -364,10 +364,12 @@ class _GraphRunner:
             node = self.nodes[self.position]
             results = []
             for chunk in range(len(next(iter(self.values.values())))):
-                flat = list(node._flat_arguments)  # noqa: SLF001 - Keras 2 node internals
-                for tensor_id, index in node._keras_inputs_ids_and_indices:  # noqa: SLF001
-                    flat[index] = self.values[tensor_id][chunk]
-                args, kwargs = tf.nest.pack_sequence_as((node.call_args, node.call_kwargs), flat)
+                # Each Keras tensor in the call's arguments (positional or keyword: a TF op's
+                # second operand is a keyword after loading) is replaced by its value.
+                def value(item, chunk=chunk):
+                    return self.values[str(id(item))][chunk] if hasattr(item, "_keras_history") else item
+
+                args, kwargs = tf.nest.map_structure(value, (node.call_args, node.call_kwargs))
                 results.append(tf.nest.flatten(node.layer(*args, **kwargs)))
             for tensor_id in node.flat_input_ids:
                 self.uses[tensor_id] -= 1

@@ -17,8 +17,9 @@ from typing import Dict, List, Mapping, Optional
 import numpy as np
 import tensorflow as tf
 
+from learners.channel_pruning import tf_ops
 from learners.channel_pruning.graph import (
-    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, _padding_pair, analyze,
+    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, analyze,
 )
 
 layers = tf.keras.layers
@@ -56,20 +57,20 @@ def _unsafe_deserialization():
     return module.SafeModeScope(False)
 
 
-def _layer_configs(config: dict) -> List[dict]:
-    return [entry["config"] for entry in config["layers"]]
-
-
-def _resize_channel_pad(layer_config: dict, analysis: ChannelAnalysis, name: str,
+def _resize_channel_pad(entry: dict, analysis: ChannelAnalysis, name: str,
                         kept: Mapping[str, np.ndarray]) -> None:
     """A channel pad pads as many zeros as its bands keep; its Reshapes follow the new widths."""
     role = analysis.pad_role(name)
+    layer_config = entry["config"]
     if role == "pad":
-        before, after = _padding_pair(analysis.model.get_layer(name))
+        before, after = analysis.pad_widths(name)
         width = len(analysis.output_indices(name, {}))  # before pruning
         kept_positions = analysis.output_indices(name, kept)
-        layer_config["padding"] = (int(np.sum(kept_positions < before)),
-                                   int(np.sum(kept_positions >= width - after)))
+        padding = (int(np.sum(kept_positions < before)), int(np.sum(kept_positions >= width - after)))
+        if tf_ops.is_tf_op(analysis.model.get_layer(name)):
+            tf_ops.set_channel_padding(entry, *padding)  # tf.pad: the widths are a call argument
+        else:
+            layer_config["padding"] = padding
     elif role == "enter":
         layer_config["target_shape"] = tuple(layer_config["target_shape"][:-1]) + (
             len(analysis.input_indices(name, kept)),)
@@ -93,10 +94,11 @@ def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
     kept = analysis.check_keep(keep)
     new_weights = dict(new_weights or {})
     config = copy.deepcopy(model.get_config())
-    for layer_config in _layer_configs(config):
+    for entry in config["layers"]:
+        layer_config = entry["config"]
         name = layer_config["name"]
         if analysis.pad_role(name) is not None:
-            _resize_channel_pad(layer_config, analysis, name, kept)
+            _resize_channel_pad(entry, analysis, name, kept)
         if analysis.layer_kind(name) != KIND_PRODUCER:
             continue
         width = len(analysis.output_indices(name, kept))

@@ -138,3 +138,52 @@ def test_a_band_of_a_residual_stream_keeps_one_channel_multiple():
     assert learner.analysis(model).groups["b[0:2]"].segment
     assert floors["b[0:2]"] == 1 and floors["b[6:8]"] == 1  # bands of 2: down to 1 channel
     assert floors["stem"] == 4 and floors["a"] == 4  # whole layers: min_channels
+
+
+def _tf_op_resnet(input_shape, classes):
+    """A small ResNet written the way many users write one: ``+``, tf.nn.relu, slicing and tf.pad
+    (the option-A shortcut) on Keras tensors instead of Add / ReLU / ZeroPadding layers."""
+    layers = tf.keras.layers
+
+    def conv_bn(x, filters, name, strides=1):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=name)(x)
+        return layers.BatchNormalization(name=f"{name}_bn")(x)
+
+    inputs = tf.keras.Input(input_shape)
+    stem = tf.nn.relu(conv_bn(inputs, 16, "stem"))
+    x = tf.nn.relu(conv_bn(tf.nn.relu(conv_bn(stem, 16, "block1_a")), 16, "block1_b") + stem)
+    shortcut = tf.pad(x[:, ::2, ::2, :], [[0, 0], [0, 0], [0, 0], [8, 8]])
+    x = tf.nn.relu(conv_bn(tf.nn.relu(conv_bn(x, 32, "block2_a", strides=2)), 32, "block2_b") + shortcut)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, layers.Dense(classes, name="head")(x), name="tf_op_resnet")
+
+
+def test_a_model_written_with_tf_ops_is_pruned_through_its_shortcuts(tmp_path):
+    """TF ops on Keras tensors are not barriers: the residual stream, through the tf.pad shortcut,
+    is pruned like the Keras-layer version, and the candidate saves, loads and keeps its accuracy."""
+    from pocketflow.training import TrainSchedule, train
+
+    tf.keras.utils.set_random_seed(0)
+    dataset = load_dataset(DataConfig(name="digits"), seed=0)
+    model = _tf_op_resnet(dataset.input_shape, dataset.num_classes)
+    schedule = TrainSchedule(10, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    train(model, dataset, schedule)
+    model.save(tmp_path / "user.keras")
+    model = tf.keras.models.load_model(tmp_path / "user.keras", compile=False)  # as a user's file arrives
+    learner = learner_for((dataset, model, schedule), 2.0)
+    analysis = learner.analysis(model)
+    assert analysis.barriers == []
+    assert set(analysis.groups) == {"stem", "block1_a", "block2_a", "block2_b[0:8]", "block2_b[24:32]"}
+    assert analysis.groups["stem"].producers == ("stem", "block1_b", "block2_b")
+    candidate = learner.compress(model, learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    assert 2.0 <= analysis.total_macs / count_macs(candidate) <= 2.1
+    pad = candidate.get_layer("tf.compat.v1.pad")  # its widths are a call argument, in its node
+    stream = candidate.get_layer("stem").filters
+    assert stream < 16 and candidate.get_layer("block2_b").filters == stream + sum(
+        pad._inbound_nodes[0].call_kwargs["paddings"][-1])
+    candidate.save(tmp_path / "pruned.keras")
+    reloaded = tf.keras.models.load_model(tmp_path / "pruned.keras", compile=False)
+    images = dataset.sample_train(8)
+    np.testing.assert_allclose(reloaded(images).numpy(), candidate(images).numpy(), atol=1e-5)
+    assert accuracy(model, dataset.validation(256)) > 0.85
+    assert accuracy(candidate, dataset.validation(256)) > 0.85  # re-fit through the TF ops (measured 0.99)

@@ -122,6 +122,31 @@ def concat_add():
     return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="concat_add")
 
 
+def tf_op_shortcut():
+    """The option-A shortcut written with TF ops on Keras tensors (TFOpLambda / SlicingOpLambda layers):
+    slicing, tf.pad of the channel axis, ``+``, tf.nn.relu and a scalar product."""
+    inputs = tf.keras.Input((8, 8, 3))
+    stem = tf.nn.relu(L.BatchNormalization(name="stem_bn")(L.Conv2D(4, 3, padding="same", name="stem")(inputs)))
+    x = _conv_bn_relu(stem, 8, "a", strides=2)
+    x = L.BatchNormalization(name="b_bn")(L.Conv2D(8, 3, padding="same", use_bias=False, name="b")(x))
+    shortcut = tf.pad(stem[:, ::2, ::2, :], [[0, 0], [0, 0], [0, 0], [2, 2]])
+    x = tf.nn.relu(x + shortcut) * 0.5
+    x = _conv_bn_relu(x, 6, "c")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="tf_op_shortcut")
+
+
+def tf_op_concat_zeros():
+    """A shortcut widened by ``tf.concat([x, tf.zeros_like(x)], -1)``: the zeros follow x's kept channels."""
+    inputs = tf.keras.Input((8, 8, 3))
+    x = _conv_bn_relu(inputs, 4, "a")
+    widened = tf.concat([x, tf.zeros_like(x)], axis=-1)
+    x = L.Add(name="add")([widened, L.Conv2D(8, 3, padding="same", name="b")(x)])
+    x = _conv_bn_relu(x, 6, "c")
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="tf_op_concat_zeros")
+
+
 def lambda_barrier():
     inputs = tf.keras.Input((8, 8, 3))
     x = _conv_bn_relu(inputs, 6, "c1")
@@ -133,7 +158,7 @@ def lambda_barrier():
 
 
 SAVEABLE = [chain_gap, chain_flatten, residual, lambda: residual(projection=True), depthwise_block,
-            separable_block, concat_block, pad_shortcut, concat_add]
+            separable_block, concat_block, pad_shortcut, concat_add, tf_op_shortcut, tf_op_concat_zeros]
 EXPECTED_GROUPS = {
     "chain_gap": {"c1": ("c1",), "c2": ("c2",), "c3": ("c3",)},
     "chain_flatten": {"c1": ("c1",), "c2": ("c2",), "hidden": ("hidden",)},
@@ -145,6 +170,9 @@ EXPECTED_GROUPS = {
     # The stem's channels run through the pad into b's middle band; b's outer bands meet zeros.
     "pad_shortcut": {"stem": ("stem", "b"), "a": ("a",), "b[0:2]": ("b",), "b[6:8]": ("b",), "c": ("c",)},
     "concat_add": {"a": ("a", "c"), "b": ("b", "c"), "d": ("d",)},
+    "tf_op_shortcut": {"stem": ("stem", "b"), "a": ("a",), "b[0:2]": ("b",), "b[6:8]": ("b",), "c": ("c",)},
+    # b's two halves both meet a's channels (once directly, once as zeros): one group, read twice.
+    "tf_op_concat_zeros": {"a": ("a", "b"), "c": ("c",)},
 }
 
 
@@ -222,6 +250,24 @@ def test_barrier_keeps_the_channels_that_feed_it():
     assert "double" in analysis.frozen["c1"] and "reshape" in analysis.frozen["c2"]
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(prune(model, {})(x), model(x), atol=1e-5)
+
+
+def test_unknown_or_per_channel_tf_ops_are_barriers(rng):
+    inputs = tf.keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="c1")(inputs)
+    x = L.Conv2D(5, 3, padding="same", name="c2")(tf.math.reduce_mean(x, axis=-1, keepdims=True) + x)
+    x = L.Conv2D(6, 3, padding="same", name="c3")(x * np.arange(5, dtype=np.float32))  # per-channel constant
+    x = L.Conv2D(7, 3, padding="same", name="c4")(tf.pad(x, [[0, 0], [0, 0], [0, 0], [1, 1]], mode="REFLECT"))
+    x = L.Conv2D(3, 1, name="c5")(tf.nn.relu(x))
+    model = tf.keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    analysis = analyze(model)
+    assert list(analysis.groups) == ["c4", "c5"]
+    reasons = {b.layer: b.reason for b in analysis.barriers}
+    assert "not known to be channel-transparent" in reasons["tf.math.reduce_mean"]
+    assert "non-scalar" in reasons["tf.math.multiply"]
+    assert "REFLECT" in reasons["tf.compat.v1.pad"]
+    pruned = prune(_randomize(model, rng), {"c4": [0, 3], "c5": [1]}, analysis=analysis)
+    assert analysis.macs_for({"c4": 2, "c5": 1}) == count_macs(pruned)
 
 
 def test_shared_layer_and_nested_model_are_barriers():
