@@ -114,6 +114,59 @@ def _optimizer(schedule: TrainSchedule, learning_rate) -> tf.keras.optimizers.Op
     return tf.keras.optimizers.legacy.SGD(learning_rate, momentum=0.9, nesterov=True)
 
 
+def _step_plan(data: Dataset, schedule: TrainSchedule, workers: int) -> tuple:
+    """(batch size per worker, steps per epoch, total optimizer steps) of ``train``."""
+    batch_size = min(schedule.batch_size, max(1, data.num_train // workers))
+    steps_per_epoch = max(1, data.num_train // (batch_size * workers))
+    return batch_size, steps_per_epoch, max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))
+
+
+def training_steps(data: Dataset, schedule: TrainSchedule, workers: int = 1) -> int:
+    """Optimizer steps ``train`` takes for ``schedule`` on ``workers`` processes."""
+    return _step_plan(data, schedule, workers)[2]
+
+
+def batchnorm_layers(model: tf.keras.Model) -> List[tf.keras.layers.BatchNormalization]:
+    """Every BatchNormalization of ``model``, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.Model):
+            found.extend(batchnorm_layers(layer))
+        elif isinstance(layer, tf.keras.layers.BatchNormalization):
+            found.append(layer)
+    return found
+
+
+def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, batch_size: int,
+                          seed: int = 0) -> int:
+    """Replace BatchNorm moving statistics by their average over ``batches`` training batches;
+    returns how many batches were used.
+
+    Compression shifts every layer's activation statistics, and a short training cannot move
+    moving averages with momentum 0.99 far enough, so a model would be scored with stale ones.
+    Eager forward passes with momentum 1 - 1/i make the moving values the running mean.
+    """
+    layers = batchnorm_layers(model)
+    if not layers or batches <= 0:
+        return 0
+    # The same batches whatever ran before in this process (a baseline trained here or loaded from
+    # the cache, a search resumed): the shuffle's order also depends on TensorFlow's global seed.
+    tf.random.set_seed(seed)
+    momenta = [layer.momentum for layer in layers]
+    done = 0
+    try:
+        for index, (images, _) in enumerate(data.train(batch_size, shuffle=True, seed=seed + 1, repeat=True)
+                                            .take(batches), start=1):
+            for layer in layers:
+                layer.momentum = 1.0 - 1.0 / index
+            model(images, training=True)
+            done = index
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    return done
+
+
 def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
           distributed: SingleProcess | None = None, seed: int = 0,
           loss_function: Optional[LossFunction] = None,
@@ -127,9 +180,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     # ran before it in this process: a baseline trained here or loaded from the cache, a search run
     # straight through or killed and resumed, all train their candidates identically.
     tf.random.set_seed(seed)
-    batch_size = min(schedule.batch_size, max(1, data.num_train // distributed.size))
-    steps_per_epoch = max(1, data.num_train // (batch_size * distributed.size))
-    total_steps = max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))
+    batch_size, steps_per_epoch, total_steps = _step_plan(data, schedule, distributed.size)
     scale = distributed.size if schedule.scale_learning_rate else 1
     optimizer = _optimizer(schedule, _learning_rate(schedule, total_steps, scale))
     loss_function = loss_function or cross_entropy_for(model)

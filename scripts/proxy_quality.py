@@ -34,7 +34,7 @@ from hpo.samplers import make_sampler  # noqa: E402
 from learners import LEARNERS  # noqa: E402
 from learners.base import LearnerContext  # noqa: E402
 from learners.distillation import Distiller  # noqa: E402
-from learners.weight_sparsification.schedule import recalibrate_batchnorm  # noqa: E402
+from pocketflow.training import recalibrate_batchnorm  # noqa: E402
 from pocketflow.benchmarks.peers import load_run  # noqa: E402
 from pocketflow.distributed import SingleProcess  # noqa: E402
 from pocketflow.export import write_atomic  # noqa: E402

@@ -22,7 +22,7 @@ from learners.channel_pruning.selection import prune_model
 from learners.distillation import Distiller, distillation_loss
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
-from pocketflow.training import from_trained, train
+from pocketflow.training import batchnorm_layers, from_trained, recalibrate_batchnorm, train, training_steps
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,6 @@ class ChannelPruningLearner(Learner):
         if info.not_reconstructed:
             log.debug("not reconstructed: %s", info.not_reconstructed)
         if self.options.recalibrate_batches > 0:
-            from learners.weight_sparsification.schedule import recalibrate_batchnorm
-
             recalibrate_batchnorm(pruned, self.context.dataset, self.options.recalibrate_batches,
                                   self.context.schedule.batch_size, seed=self.context.seed)
         if self.options.recovery_epochs > 0:
@@ -258,8 +256,6 @@ class ChannelPruningLearner(Learner):
         pre-training values (more than 5% of them left), re-estimate them from training batches;
         otherwise the model is evaluated with statistics of weights it no longer has (a 0.3-epoch
         fine-tuning of a pruned digits CNN: 96.5% -> 88.9% validation accuracy, 98.6% with fresh ones)."""
-        from learners.weight_sparsification.schedule import batchnorm_layers, recalibrate_batchnorm, training_steps
-
         layers = batchnorm_layers(model)
         if not layers:
             return

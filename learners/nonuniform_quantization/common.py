@@ -25,7 +25,7 @@ from learners.nonuniform_quantization.clustering import AdaptiveClusterProjectio
 from learners.nonuniform_quantization.codebooks import Layout
 from learners.packing import distinct_values, packed_bytes
 from learners.weight_sparsification.masks import PrunableWeight, prunable_weights, variables_by_key
-from learners.weight_sparsification.schedule import batchnorm_layers, recalibrate_batchnorm
+from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.config import TargetConfig
 from pocketflow.errors import ConfigError
 from pocketflow.export import measure_file

@@ -45,7 +45,7 @@ from learners.uniform_quantization.fold import FoldedPair, fold_weights, foldabl
 from learners.uniform_quantization.learner import DEFAULT_LOW_BITS, UniformConfig
 from learners.uniform_quantization.lowbit import (SCHEMES, KernelSpec, ShadowQuantizer, kernel_specs, mse_ratios,
                                                   quantized_values)
-from learners.weight_sparsification.schedule import batchnorm_layers, recalibrate_batchnorm
+from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.errors import ConfigError
 from pocketflow.export import measure_file
 from pocketflow.training import outputs_probabilities, train

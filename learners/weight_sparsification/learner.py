@@ -30,12 +30,10 @@ from learners.weight_sparsification.masks import (
     PATTERNS, MaskSet, PrunableWeight, allocate, compute_masks, density_bounds, prunable_weights, save_masks,
     variables_by_key,
 )
-from learners.weight_sparsification.schedule import (
-    FixedMasks, GradualPruning, recalibrate_batchnorm, training_steps,
-)
+from learners.weight_sparsification.schedule import FixedMasks, GradualPruning
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, POSITIVE, RATE_FRACTION, TargetConfig, check_fields
 from pocketflow.errors import ConfigError
-from pocketflow.training import from_trained, train
+from pocketflow.training import from_trained, recalibrate_batchnorm, train, training_steps
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,10 @@ when end - begin is a multiple of the frequency).
 from __future__ import annotations
 
 import logging
-import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, Mapping, Sequence
 
 import numpy as np
-import tensorflow as tf
 from learners.weight_sparsification.masks import MaskSet, PrunableWeight, compute_masks
-from pocketflow.data.base import Dataset
-from pocketflow.training import TrainSchedule
 
 log = logging.getLogger(__name__)
 
@@ -38,52 +34,6 @@ def is_pruning_step(step: int, begin_step: int, end_step: int, frequency: int) -
     if step < begin_step or step > end_step:
         return False
     return (step - begin_step) % max(1, frequency) == 0 or step == end_step
-
-
-def training_steps(data: Dataset, schedule: TrainSchedule, workers: int = 1) -> int:
-    """Optimizer steps ``pocketflow.training.train`` takes for ``schedule`` (same arithmetic)."""
-    batch_size = min(schedule.batch_size, max(1, data.num_train // workers))
-    steps_per_epoch = max(1, data.num_train // (batch_size * workers))
-    return max(1, int(math.ceil(schedule.epochs * steps_per_epoch)))
-
-
-def batchnorm_layers(model: tf.keras.Model) -> List[tf.keras.layers.BatchNormalization]:
-    found = []
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.Model):
-            found.extend(batchnorm_layers(layer))
-        elif isinstance(layer, tf.keras.layers.BatchNormalization):
-            found.append(layer)
-    return found
-
-
-def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, batch_size: int,
-                          seed: int = 0) -> int:
-    """Replace BatchNorm moving statistics by their average over ``batches`` training batches.
-
-    Pruning shifts every layer's activation statistics; a short recovery cannot move moving
-    averages with momentum 0.99 far enough, so candidates would be scored with stale ones.
-    Eager forward passes with momentum 1 - 1/i make the moving values the running mean.
-    """
-    layers = batchnorm_layers(model)
-    if not layers or batches <= 0:
-        return 0
-    # The same batches whatever ran before in this process (a baseline trained here or loaded from
-    # the cache, a search resumed): the shuffle's order also depends on TensorFlow's global seed.
-    tf.random.set_seed(seed)
-    momenta = [layer.momentum for layer in layers]
-    done = 0
-    try:
-        for index, (images, _) in enumerate(data.train(batch_size, shuffle=True, seed=seed + 1, repeat=True)
-                                            .take(batches), start=1):
-            for layer in layers:
-                layer.momentum = 1.0 - 1.0 / index
-            model(images, training=True)
-            done = index
-    finally:
-        for layer, momentum in zip(layers, momenta):
-            layer.momentum = momentum
-    return done
 
 
 class FixedMasks:

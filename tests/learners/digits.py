@@ -6,7 +6,7 @@ from typing import Tuple
 
 import tensorflow as tf
 
-from learners.weight_sparsification.schedule import recalibrate_batchnorm
+from pocketflow.training import recalibrate_batchnorm
 from nets import NETS
 from pocketflow.config import DataConfig
 from pocketflow.data import load_dataset

@@ -15,7 +15,7 @@ from pocketflow.data import load_dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.metrics import count_macs
-from pocketflow.training import accuracy
+from pocketflow.training import accuracy, recalibrate_batchnorm
 from tests.learners.digits import trained_digits
 
 
@@ -108,8 +108,6 @@ def test_bad_options():
 def test_recalibrated_candidates_carry_the_statistics_of_their_own_activations(trained):
     """channel.recalibrate_batches: BatchNorm's moving mean becomes the average, over the batches
     used, of what the pruned conv now outputs in training mode; the momentum is given back."""
-    from learners.weight_sparsification.schedule import recalibrate_batchnorm
-
     dataset, model, schedule = trained
     learner = learner_for(trained, 2.5, recalibrate_batches=0)
     candidate = learner.compress(model, learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))

@@ -24,7 +24,7 @@ from learners.nonuniform_quantization.codebooks import (Layout, assign_scalar, i
 from learners.nonuniform_quantization.learner import NonUniformConfig, NonUniformLearner
 from learners.packing import distinct_values, read_packed
 from learners.weight_sparsification.masks import prunable_weights, variables_by_key
-from learners.weight_sparsification.schedule import batchnorm_layers
+from pocketflow.training import batchnorm_layers
 from pocketflow.config import TargetConfig
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
