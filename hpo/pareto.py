@@ -27,7 +27,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -222,10 +222,13 @@ def _float(value: Any, default: float) -> float:
 # --------------------------------------------------------------------------- finishing the front
 
 
-def finish_front(runner: Any, learner: Any, baseline_model: Any, dataset: Any, baseline: Any, outcome: Any,
+def finish_front(config: Any, distributed: Any, output_dir: Path, measure: Callable[..., Dict[str, Any]],
+                 learner: Any, baseline_model: Any, dataset: Any, baseline: Any, outcome: Any,
                  finetune_epochs: float) -> Dict[str, Any]:
     """Fine-tune, finalize, export and measure every front model; write pareto.csv and pareto.png.
 
+    ``measure(learner, model, dataset, baseline, outcome, directory=...)`` saves, exports and measures
+    one model (the runner's, so a front model is measured like the best model of a plain run).
     Every rank trains (training is collective under Horovod); rank 0 measures and writes.
     Returns ``{"pareto": summary, "best": fields or None, "reason": why no pick (or None)}``.
     """
@@ -233,7 +236,6 @@ def finish_front(runner: Any, learner: Any, baseline_model: Any, dataset: Any, b
 
     from learners.distillation import make_distiller
 
-    config, distributed, output_dir = runner.config, runner.distributed, runner.output_dir
     cost_key = learner.pareto_cost
     rows: List[Dict[str, Any]] = []
     minimum = config.pareto.min_models
@@ -256,9 +258,9 @@ def finish_front(runner: Any, learner: Any, baseline_model: Any, dataset: Any, b
         model = learner.finalize(candidate)
         if not distributed.is_chief:
             continue
-        fields = runner._best_fields(learner, model, dataset, baseline,
-                                     dataclasses.replace(outcome, hyperparameters=member["hyperparameters"]),
-                                     directory=output_dir / "pareto" / f"trial_{number}")
+        fields = measure(learner, model, dataset, baseline,
+                         dataclasses.replace(outcome, hyperparameters=member["hyperparameters"]),
+                         directory=Path(output_dir) / "pareto" / f"trial_{number}")
         validation_accuracy, validation_loss = validation_scores(model, dataset)
         fields.update(trial=number, validation_accuracy=validation_accuracy, validation_loss=validation_loss,
                       search_validation_accuracy=member["validation_accuracy"],

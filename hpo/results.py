@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -18,6 +19,19 @@ from pocketflow.export import write_atomic
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("macs", "speedup", "compression", "sparsity", "bits")
+
+
+@dataclass
+class SearchOutcome:
+    """What the optimizer hands the runner: the best candidate that met the target, or why there is none."""
+
+    candidate: Optional[Any]  # a Keras model
+    hyperparameters: Dict[str, Any]
+    trials: Dict[str, int]
+    reason: Optional[str] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+    # --objective pareto: the trials to finish ({number, params, hyperparameters, validation_accuracy, cost})
+    front: Optional[List[Dict[str, Any]]] = None
 
 
 def accuracy_of(trial: optuna.trial.FrozenTrial) -> Optional[float]:

@@ -28,10 +28,11 @@ import tensorflow as tf
 from optuna.trial import TrialState
 
 from hpo import pareto, results
+from hpo.results import SearchOutcome
 from hpo.samplers import make_sampler, trial_seed
 from hpo.storage import (PARAMS_PENDING_ATTRIBUTE, WORKER_ATTRIBUTE, claim_study, counts,
                          default_storage_url, display_url, is_interrupted, load_or_create, open_storage,
-                         recover_dead_trials, requeue, study_lock, worker_id)
+                         recover_dead_trials, requeue, study_lock, study_name, worker_id)
 from hpo.targets import describe_shortfall, meets, violations
 from learners.base import Learner
 from learners.distillation import make_distiller, reference_values, searched, suggest
@@ -39,7 +40,6 @@ from pocketflow.config import RunConfig
 from pocketflow.data.files import one_line
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError, RunInterrupted, SearchFailedError
-from pocketflow.runner import SearchOutcome
 from pocketflow.training import accuracy
 
 log = logging.getLogger(__name__)
@@ -86,14 +86,14 @@ class Search:
     def _open_study(self) -> optuna.Study:
         """Open (or join) the study and queue its reference trial, under the study's lock."""
         hpo = self.config.hpo
-        subject = self.config.net or Path(self.config.model).stem
         url = hpo.storage or default_storage_url(self.output_dir)
-        name = hpo.study_name or f"{self.config.learner}-{subject}" + ("-pareto" if self.cost_key else "")
+        name = study_name(self.config)
         self.storage_url, self.study_name = url, name
         with self._lock():
             study = load_or_create(open_storage(url), name, self._sampler(0), self.resume,
                                    shared=hpo.storage is not None,
                                    directions=["maximize", "minimize"] if self.cost_key else None)
+            subject = self.config.net or Path(self.config.model).stem
             claim_study(study, {"learner": self.config.learner, "model": subject, "target": self.requested,
                                 "objective": hpo.objective})
             if self.resume or hpo.storage is not None:

@@ -39,6 +39,16 @@ RETRY_OF_ATTRIBUTE = "retry_of"
 PARAMS_PENDING_ATTRIBUTE = "params_pending"
 
 
+def study_name(config: Any) -> str:
+    """The study a run searches in: ``--study-name``, else learner and subject (and ``-pareto`` for a
+    two-objective study, which cannot share a study with a one-objective search)."""
+    hpo = config.hpo
+    if hpo.study_name:
+        return hpo.study_name
+    subject = config.net or Path(config.model).stem
+    return f"{config.learner}-{subject}" + ("-pareto" if hpo.objective == "pareto" else "")
+
+
 def default_storage_url(output_dir: Path) -> str:
     return f"sqlite:///{(output_dir / 'study.db').resolve()}"
 

@@ -6,7 +6,7 @@ from typing import Tuple
 
 import tensorflow as tf
 
-from nets import NetSpec, Schedule, register_net
+from nets.base import NetSpec, Schedule, register_net
 
 layers = tf.keras.layers
 

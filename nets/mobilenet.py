@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
-from nets import NetSpec, Schedule, register_net
+from nets.base import NetSpec, Schedule, register_net
 
 layers = tf.keras.layers
 

@@ -34,6 +34,7 @@ from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
 from hpo.pareto import check_run as check_pareto
+from hpo.results import SearchOutcome
 from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
@@ -64,19 +65,6 @@ class Measurement:
             "tflite_accuracy": float_file.accuracy if float_file else None,
             "tflite_latency_ms": float_file.latency_ms if float_file else None,
         }
-
-
-@dataclass
-class SearchOutcome:
-    """What the optimizer hands back: the best candidate that met the target, or why there is none."""
-
-    candidate: Optional[tf.keras.Model]
-    hyperparameters: Dict[str, Any]
-    trials: Dict[str, int]
-    reason: Optional[str] = None
-    details: Dict[str, Any] = field(default_factory=dict)
-    # --objective pareto: the trials to finish ({number, params, hyperparameters, validation_accuracy, cost})
-    front: Optional[List[Dict[str, Any]]] = None
 
 
 def resolve_names(config: RunConfig) -> RunConfig:
@@ -131,12 +119,11 @@ class Runner:
         self.output_dir = output_dir
         if self.distributed.is_chief:
             if learner_class.searches and config.hpo.storage:
-                from hpo.storage import open_storage, study_lock
+                from hpo.storage import open_storage, study_lock, study_name
 
                 # An unusable --storage fails now, not after the baseline; under the study's lock, so
                 # searchers starting together do not race to create the database's tables.
-                subject = config.net or Path(config.model).stem
-                with study_lock(config.hpo.storage, config.hpo.study_name or f"{config.learner}-{subject}"):
+                with study_lock(config.hpo.storage, study_name(config)):
                     open_storage(config.hpo.storage)
             self._claim_output_dir()
             write_atomic(output_dir / "config.yaml", self.config.to_yaml().encode())
@@ -381,7 +368,8 @@ class Runner:
         report's ``best`` is the model picked by --pick-latency-ms/--pick-size-kb (else the most accurate)."""
         from hpo.pareto import finish_front
 
-        finished = finish_front(self, learner, baseline_model, dataset, baseline, outcome, finetune_epochs)
+        finished = finish_front(self.config, self.distributed, self.output_dir, self._best_fields, learner,
+                                baseline_model, dataset, baseline, outcome, finetune_epochs)
         report.update(pareto=finished["pareto"], best=finished["best"], seconds=time.time() - started)
         if finished["reason"]:
             report.update(status="target_not_met", reason=finished["reason"])

@@ -42,7 +42,7 @@ from learners.packing import (PackedTensor, load_packed, packed_bytes, packed_si
 from learners.uniform_quantization.allocation import (describe_bits, free_bits, measure_sensitivity, predict,
                                                       sensitivity_bits)
 from learners.uniform_quantization.fold import FoldedPair, fold_weights, foldable_pairs, folded_model
-from learners.uniform_quantization.learner import DEFAULT_LOW_BITS, UniformConfig
+from learners.uniform_quantization.options import DEFAULT_LOW_BITS, UniformConfig
 from learners.uniform_quantization.lowbit import (SCHEMES, KernelSpec, ShadowQuantizer, kernel_specs, mse_ratios,
                                                   quantized_values)
 from pocketflow.training import batchnorm_layers, recalibrate_batchnorm

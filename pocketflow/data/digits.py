@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pocketflow.config import DataConfig
-from pocketflow.data import preprocess_from, register_dataset
+from pocketflow.data.registry import preprocess_from, register_dataset
 from pocketflow.data.base import ArrayDataset
 
 TEST_FRACTION = 0.2  # held-out test split, fixed by the split seed below

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from pocketflow.config import DataConfig
-from pocketflow.data import preprocess_from, register_dataset
+from pocketflow.data.registry import preprocess_from, register_dataset
 from pocketflow.data.base import Dataset, Preprocess, missing_files
 from pocketflow.data.files import one_line
 from pocketflow.errors import DataError

@@ -14,7 +14,7 @@ from typing import Tuple
 import numpy as np
 
 from pocketflow.config import DataConfig
-from pocketflow.data import preprocess_from, register_dataset
+from pocketflow.data.registry import preprocess_from, register_dataset
 from pocketflow.data.base import ArrayDataset, missing_files
 from pocketflow.data.files import data_path, read_bytes
 from pocketflow.errors import DataError

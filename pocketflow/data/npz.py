@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from pocketflow.config import DataConfig
-from pocketflow.data import preprocess_from, register_dataset
+from pocketflow.data.registry import preprocess_from, register_dataset
 from pocketflow.data.base import ArrayDataset, missing_files
 from pocketflow.data.files import data_path, one_line
 from pocketflow.errors import DataError
