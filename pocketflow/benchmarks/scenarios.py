@@ -182,6 +182,16 @@ add(
              ("--trials", "10", "--finetune-epochs", "5"), minutes=25),
     Scenario("resnet56-channel-2.5x-10ep", "resnet56", "channel", ("--target-speedup", "2.5"),
              ("--trials", "12", "--finetune-epochs", "10"), minutes=95),
+    # The peer at the same budgets, with our distillation in its fine-tuning (what the method is worth
+    # apart from distillation), and uniform L1 filter pruning with our recovery recipe.
+    Scenario("resnet20-torch-pruning-2x-5ep-distill", "resnet20", "torch-pruning", ("--target-speedup", "2.0"),
+             ("--finetune-epochs", "5", "--distill"), peer=True, minutes=27),
+    Scenario("resnet20-torch-pruning-3x-5ep-distill", "resnet20", "torch-pruning", ("--target-speedup", "3.0"),
+             ("--finetune-epochs", "5", "--distill"), peer=True, minutes=27),
+    Scenario("resnet20-l1-uniform-3x-distill", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "1", "--distill", "--set", "channel.mode=uniform", "--set",
+              "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
+             minutes=8),
 )
 
 
