@@ -42,7 +42,7 @@ FLAG_KEYS: Dict[str, str] = {
     "distill": "distillation.enabled",
     "distill_temperature": "distillation.temperature",
     "distill_alpha": "distillation.alpha",
-    "sparsity_pattern": "weight-sparse.pattern",
+    "sparsity_pattern": "{learner}.pattern",  # weight-sparse only: an error with any other learner
     "bits": "{learner}.bits",  # the selected learner's section (uniform, weight-sparse)
     "export": "export.tflite",
     "quantize_export": "export.quantize",
