@@ -121,7 +121,11 @@ class Learner(abc.ABC):
         return {}
 
     def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
-        """Learner-specific facts about a candidate for the report (e.g. per-layer channels)."""
+        """Learner-specific facts about a candidate for the report (e.g. per-layer channels).
+
+        They go into report.json's ``best``. A ``report_sections`` entry, a list of
+        ``{"title": ..., "lines": [...]}``, is also rendered in report.md, each line as a bullet:
+        the report knows no learner's details."""
         return {}
 
 

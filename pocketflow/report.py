@@ -122,10 +122,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
             line += f"; the uniform reference trial reached {_percent(search['reference_validation_accuracy'])}"
         lines += ["", line + f". Every trial: `{search.get('trials_csv', 'trials.csv')}`; study "
                               f"'{search.get('study_name')}' in `{search.get('storage')}`."]
-    if best and best.get("barriers"):
-        lines += ["", "Barriers (layers the channel analysis does not see through; the channels feeding them "
-                      "are kept):", ""]
-        lines += [f"- `{b['layer']}` ({b['class']}): {b['reason']}" for b in best["barriers"]]
+    for section in (best or {}).get("report_sections") or []:  # what the learner adds (Learner.describe)
+        lines += ["", section["title"] + ":", ""] + [f"- {line}" for line in section["lines"]]
     if report.get("distillation"):
         lines += ["", f"Fine-tuning distilled from the baseline: {report['distillation']}"]
     if report.get("pareto"):

@@ -277,8 +277,12 @@ class ChannelPruningLearner(Learner):
         else:  # not built here: the widths of layers that are whole groups (a stream's bands: None)
             widths = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
             after = {name: widths.get(name) for name in groups}
+        barriers = self._analysis.summary()["barriers"]
+        sections = [{"title": "Barriers (layers the channel analysis does not see through; the channels feeding "
+                              "them are kept)",
+                     "lines": [f"`{b['layer']}` ({b['class']}): {b['reason']}" for b in barriers]}] if barriers else []
         return {"channels": {name: {"before": group.channels, "after": after[name]} for name, group in groups.items()},
-                "barriers": self._analysis.summary()["barriers"],
+                "barriers": barriers, "report_sections": sections,
                 "trial_score": (f"validation accuracy after BatchNorm re-estimation on "
                                 f"{self.options.recalibrate_batches} training batches"
                                 if self.options.recalibrate_batches else "validation accuracy as reconstructed")}

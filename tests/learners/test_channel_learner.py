@@ -185,3 +185,20 @@ def test_a_model_written_with_tf_ops_is_pruned_through_its_shortcuts(tmp_path):
     np.testing.assert_allclose(reloaded(images).numpy(), candidate(images).numpy(), atol=1e-5)
     assert accuracy(model, dataset.validation(256)) > 0.85
     assert accuracy(candidate, dataset.validation(256)) > 0.85  # re-fit through the TF ops (measured 0.99)
+
+
+def test_the_barriers_reach_the_report_through_the_learner():
+    """report.md renders what the learner's describe() contributes; it knows nothing of barriers itself."""
+    from pocketflow.report import render_markdown
+    from tests.learners.test_channel_surgery import lambda_barrier
+
+    model = lambda_barrier()
+    context = LearnerContext(dataset=None, schedule=None, target=TargetConfig(speedup=1.5),
+                             distributed=SingleProcess(), baseline_macs=count_macs(model))
+    learner = ChannelPruningLearner(ChannelConfig(), context)
+    learner.analysis(model)
+    described = learner.describe(model)
+    assert {b["layer"] for b in described["barriers"]} == {"double", "reshape"}
+    text = render_markdown({"best": {"accuracy": 0.5, **described}})
+    assert "Barriers (layers the channel analysis does not see through" in text
+    assert "- `double` (Lambda): Lambda is not known to be channel-transparent" in text
