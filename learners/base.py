@@ -19,6 +19,7 @@ from pocketflow.config import TargetConfig, parse_section
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
+from pocketflow.export import TFLiteMeasurement, convert, measure_file, write_atomic
 from pocketflow.metrics import count_macs
 from pocketflow.registry import Registry
 from pocketflow.training import TrainSchedule
@@ -38,6 +39,20 @@ class LearnerContext:
     seed: int = 0
     baseline_macs: int = 0
     baseline_tflite_bytes: int = 0
+    threads: int = 1  # export.threads: interpreter threads of every latency measurement
+    latency_runs: int = 50  # export.latency_runs
+
+    def measure_file(self, path: Path, mode: str, images, labels) -> TFLiteMeasurement:
+        """The one measurement path: every file a learner ships is measured on ``images`` with the
+        baseline's interpreter settings, so a latency ratio divides like by like."""
+        return measure_file(Path(path), mode, test_images=images, test_labels=labels, threads=self.threads,
+                            runs=self.latency_runs)
+
+    def export_and_measure(self, model: tf.keras.Model, path: Path, mode: str, images, labels,
+                           representative=None) -> TFLiteMeasurement:
+        """Convert ``model`` to a TFLite file of ``mode`` (written atomically), then measure it."""
+        write_atomic(Path(path), convert(model, mode, representative))
+        return self.measure_file(path, mode, images, labels)
 
 
 class Learner(abc.ABC):

@@ -383,6 +383,9 @@ def parse_section(cls: type, data: Any, prefix: str, source: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "learners"}
     values: Dict[str, Any] = {}
     for key, value in data.items():
+        removed = getattr(cls, "REMOVED", {})
+        if key not in known and key in removed:
+            raise ConfigError(f"'{prefix}{key}' in {source} is no longer an option: {removed[key]}")
         if key not in known:
             raise ConfigError(f"unknown key '{prefix}{key}' in {source}; "
                               f"known keys in '{where}': {', '.join(sorted(known))}")

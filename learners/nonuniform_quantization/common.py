@@ -28,7 +28,6 @@ from learners.weight_sparsification.masks import PrunableWeight, prunable_weight
 from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.config import TargetConfig
 from pocketflow.errors import ConfigError
-from pocketflow.export import measure_file
 from pocketflow.training import from_trained, train
 
 log = logging.getLogger(__name__)
@@ -320,7 +319,7 @@ class CodebookLearner(Learner):
             raise RuntimeError(f"kernels hold more distinct values than their codebooks: {over}")
         tflite_path = directory / f"{self.artifact_stem}.tflite"
         artifact_to_tflite(path, tflite_path)
-        measured = measure_file(tflite_path, "float", test_images=images, test_labels=labels)
+        measured = self.context.measure_file(tflite_path, "float", images, labels)
         artifact_accuracy = float(np.mean(np.argmax(_outputs(rebuilt, images), axis=-1) == labels))
         log.info("shipped %s: %s bytes, test accuracy %.4f (loaded back into Keras), TFLite from it %.4f, "
                  "largest weight difference %.2g", self.shipped_format, f"{size:,}", artifact_accuracy,

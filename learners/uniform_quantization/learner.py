@@ -29,7 +29,7 @@ from learners.uniform_quantization.options import (  # noqa: F401 - the options 
 )
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
 from pocketflow.config import TargetConfig
-from pocketflow.export import TFLiteMeasurement, TFLiteModel, export_and_measure, tflite_accuracy
+from pocketflow.export import TFLiteMeasurement, TFLiteModel, tflite_accuracy
 from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
 
@@ -112,9 +112,7 @@ class UniformQuantizationLearner(Learner):
         dataset = self.context.dataset
         images, labels = dataset.test_arrays()
         representative = dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
-        return export_and_measure(model, path, mode, test_images=images, test_labels=labels,
-                                  representative=representative, threads=self.options.threads,
-                                  runs=self.options.latency_runs)
+        return self.context.export_and_measure(model, path, mode, images, labels, representative)
 
     def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
         baseline = self._baseline if self._baseline is not None else model
@@ -158,7 +156,7 @@ class UniformQuantizationLearner(Learner):
 
     def _validation_accuracy(self, measured: TFLiteMeasurement) -> float:
         images, labels = self.context.dataset.validation_arrays()
-        return tflite_accuracy(TFLiteModel(measured.path, threads=self.options.threads), images, labels)
+        return tflite_accuracy(TFLiteModel(measured.path, threads=self.context.threads), images, labels)
 
     def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
         return {"method": "qat" if self._qat_model is not None else "ptq",

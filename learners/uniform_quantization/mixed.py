@@ -47,7 +47,6 @@ from learners.uniform_quantization.lowbit import (SCHEMES, KernelSpec, ShadowQua
                                                   quantized_values)
 from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.errors import ConfigError
-from pocketflow.export import measure_file
 from pocketflow.training import outputs_probabilities, train
 
 log = logging.getLogger(__name__)
@@ -358,16 +357,14 @@ class MixedPrecisionLearner(Learner):
         }
         tflite_path = directory / "model_lowbit.tflite"
         packed_to_tflite(path, tflite_path)
-        measured = measure_file(tflite_path, "float", test_images=images, test_labels=labels,
-                                threads=self.options.threads, runs=self.options.latency_runs)
+        measured = self.context.measure_file(tflite_path, "float", images, labels)
         fields.update(tflite_path=measured.path, tflite_accuracy=measured.accuracy,
                       tflite_latency_ms=measured.latency_ms, tflite_bytes=measured.bytes)
         if self.options.int8_activations:
             representative = dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
             int8_path = directory / "model_lowbit_int8.tflite"
             packed_to_tflite(path, int8_path, "int8", representative)
-            int8 = measure_file(int8_path, "int8", test_images=images, test_labels=labels,
-                                threads=self.options.threads, runs=self.options.latency_runs)
+            int8 = self.context.measure_file(int8_path, "int8", images, labels)
             fields.update(int8_activations_tflite_path=int8.path, int8_activations_tflite_accuracy=int8.accuracy,
                           int8_activations_tflite_latency_ms=int8.latency_ms,
                           int8_activations_tflite_bytes=int8.bytes)

@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from learners.weight_sparsification.masks import PrunableWeight
 from pocketflow.data.base import Dataset
-from pocketflow.export import convert, measure_file, write_atomic
+from pocketflow.export import convert, write_atomic
 from pocketflow.training import accuracy
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def container_members(path: Path) -> Dict[str, int]:
 # ---------------------------------------------------------------------------- shipping
 def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset, *, bits: Optional[int],
                        int8_mode: str, quantize: Iterable[str], representative: Optional[np.ndarray],
-                       kinds: Sequence[str] = ("tflite", "container")) -> Dict[str, Any]:
+                       measure: Callable[..., Any], kinds: Sequence[str] = ("tflite", "container")) -> Dict[str, Any]:
     """Write the sparse TFLite file and the container, measure each on the test split (the TFLite
     file in the interpreter, the container loaded back into Keras), and name the smaller of
     ``kinds`` as the shipped file (report fields for ``best``)."""
@@ -258,7 +258,7 @@ def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset,
 
     tflite_path = directory / f"model_sparse{suffix}.tflite"
     write_atomic(tflite_path, sparse_tflite(model, bits, int8_mode, representative))
-    measured = measure_file(tflite_path, f"sparse{suffix}", test_images=test_images, test_labels=test_labels)
+    measured = measure(tflite_path, f"sparse{suffix}", test_images, test_labels)  # LearnerContext.measure_file
     values = "float32" if bits is None else f"int8 {int8_mode}"
     files["tflite"] = {"format": f"sparse TFLite ({values})", "path": str(tflite_path), "bytes": measured.bytes,
                        "accuracy": measured.accuracy, "latency_ms": measured.latency_ms}

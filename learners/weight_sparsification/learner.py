@@ -387,6 +387,7 @@ class WeightSparseLearner(Learner):
         save_masks(masks_path, self.masks_of(model))
         fields = artifact.write_sparse_files(
             model, Path(directory), self.context.dataset, bits=self.options.bits, int8_mode=self.options.int8_mode,
-            quantize=self._quantized_names(model), representative=self._representative(), kinds=self._kinds())
+            quantize=self._quantized_names(model), representative=self._representative(), kinds=self._kinds(),
+            measure=self.context.measure_file)
         fields["masks_path"] = str(masks_path)
         return fields

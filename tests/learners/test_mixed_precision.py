@@ -203,9 +203,8 @@ def small_digits_model(input_shape) -> tf.keras.Model:
 def _learner(digits, model, target: TargetConfig, **options) -> MixedPrecisionLearner:
     schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
     context = LearnerContext(dataset=digits, schedule=schedule, target=target, distributed=SingleProcess(),
-                             baseline_tflite_bytes=len(convert(model, "float")))
-    defaults = dict(recovery_epochs=0.1, calibration_batches=4, sensitivity_samples=64, latency_runs=5,
-                    representative_samples=32)
+                             baseline_tflite_bytes=len(convert(model, "float")), latency_runs=5)
+    defaults = dict(recovery_epochs=0.1, calibration_batches=4, sensitivity_samples=64, representative_samples=32)
     defaults.update(options)
     return MixedPrecisionLearner(UniformConfig(**defaults), context)
 

@@ -117,8 +117,9 @@ def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
     model = tf.keras.Model(inputs, L.Dense(digits.num_classes)(L.GlobalAveragePooling2D()(x)))
     schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
     context = LearnerContext(dataset=digits, schedule=schedule, target=TargetConfig(bits=8),
-                             distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")))
-    learner = UniformQuantizationLearner(UniformConfig(method="ptq", compare_dynamic=False, latency_runs=5), context)
+                             distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")),
+                             latency_runs=5)
+    learner = UniformQuantizationLearner(UniformConfig(method="ptq", compare_dynamic=False), context)
     assert learner.max_trials() == 1
     assert learner.reachable(model)["bits"] == 8.0
     candidate = learner.compress(model, learner.options)

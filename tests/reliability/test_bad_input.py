@@ -96,6 +96,8 @@ FLAG_CASES = {
     "bits-zero": (["--learner", "uniform", "--target-bits", "0"], ["target.bits = 0.0 is out of range"]),
     "bits-flag": (["--learner", "weight-sparse", "--target-sparsity", "0.5", "--bits", "3"],
                   ["bits = 3"]),
+    "removed-uniform-threads": (["--learner", "uniform", "--target-bits", "8", "--set", "uniform.threads=2"],
+                                ["'uniform.threads'", "no longer an option", "export.threads"]),
     "pattern-for-wrong-learner": (["--learner", "channel", "--target-speedup", "2", "--sparsity-pattern", "2:4"],
                                   ["--sparsity-pattern", "learner 'channel' has no 'pattern'", "weight-sparse"]),
     "sparse-bits-set": (["--learner", "weight-sparse", "--target-sparsity", "0.5", "--set", "weight-sparse.bits=3"],
