@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +35,7 @@ from pocketflow.model_io import save_model
 from pocketflow.report import write_report
 from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
+from hpo.targets import meets
 from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
@@ -308,7 +309,8 @@ class Runner:
         context = LearnerContext(
             dataset=dataset, schedule=schedule, target=config.target, distributed=distributed, seed=config.seed,
             baseline_macs=count_macs(baseline_model),
-            baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0)
+            baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0,
+            threads=config.export.threads, latency_runs=config.export.latency_runs)
         learner: Learner = self.learner_class(self.options, context)
         outcome = self._search_or_compress(learner, baseline_model, dataset)
         self._partial.update(trials=outcome.trials, search=outcome.details)
@@ -353,12 +355,18 @@ class Runner:
                 report["distillation"] = teacher.describe()
         model = learner.finalize(model)
 
+        missed = None
         if distributed.is_chief:
             report["best"] = self._best_fields(learner, model, dataset, baseline, outcome)
+            report["best"]["target_check"], missed = check_shipped(config.target.requested(), report["best"])
+            if missed:
+                report.update(status="target_not_met", reason=missed)
         report["seconds"] = time.time() - started
         if distributed.is_chief:
             write_report(self.output_dir, report)
         distributed.barrier()
+        if distributed.broadcast_object(missed):
+            raise TargetNotMetError(f"{missed}; the files are in {self.output_dir}, report.json says what they reach")
         return report
 
     def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, dataset: Dataset,
@@ -425,6 +433,29 @@ class Runner:
                                    if base_latency and best["tflite_latency_ms"] else None)
         best["exports"] = {mode: m.as_dict() for mode, m in measured.tflite.items()}
         return best
+
+
+def shipped_values(best: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """What the shipped result reaches, read from measurements of the files (not from the search):
+    MACs of the saved model, bytes of the shipped file, zeros and bits the learner counts in the
+    weights it wrote."""
+    return {"speedup": best.get("speedup"), "compression": best.get("compression"),
+            "sparsity": best.get("sparsity"), "bits": best.get("average_bits", best.get("bits"))}
+
+
+def check_shipped(requested: Dict[str, float], best: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The target re-checked on what ships: ({kind: {target, shipped, met}}, why it misses or None).
+
+    A kind the shipped result does not report is not checked (met: None) rather than failed."""
+    shipped = shipped_values(best)
+    check, short = {}, []
+    for kind, target in requested.items():
+        value = shipped.get(kind)
+        met = None if value is None else meets({kind: target}, {kind: float(value)})
+        check[kind] = {"target": target, "shipped": value, "met": met}
+        if met is False:
+            short.append(f"{kind} {target:g} requested, the shipped result reaches {float(value):.4g}")
+    return check, ("the shipped result misses the target: " + "; ".join(short)) if short else None
 
 
 class _sigint_deferred:

@@ -49,4 +49,11 @@ def assert_report_matches_files(run_dir: Path) -> dict:
         kernels = [w.numpy() for layer in model.layers for w in layer.weights if "kernel" in w.name]
         zeros = sum(int((k == 0).sum()) for k in kernels)
         assert zeros >= best["sparsity"] * best.get("prunable_weights", 0) - 1
+    # The target is re-checked on what ships; a completed run meets every requested kind it can check.
+    check = best["target_check"]
+    assert set(check) == set(report["target"])
+    for kind, entry in check.items():
+        assert entry["target"] == report["target"][kind]
+        if report["status"] == "completed":
+            assert entry["met"] in (True, None), (kind, entry)
     return report
