@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Set
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pocketflow", "learners", "hpo", "nets")
-TOP = ("pocketflow.runner", "pocketflow.cli", "pocketflow.benchmarks")  # the runner and CLI sit on top
+TOP = ("pocketflow.runner", "pocketflow.cli", "pocketflow.benchmarks", "pocketflow.config_template")  # on top
 
 
 def _modules() -> Dict[str, Path]:
