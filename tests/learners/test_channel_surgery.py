@@ -130,10 +130,7 @@ def tf_op_shortcut():
     x = _conv_bn_relu(stem, 8, "a", strides=2)
     x = L.BatchNormalization(name="b_bn")(L.Conv2D(8, 3, padding="same", use_bias=False, name="b")(x))
     shortcut = tf.pad(stem[:, ::2, ::2, :], [[0, 0], [0, 0], [0, 0], [2, 2]])
-    x = tf.nn.relu(x + shortcut) * 0.5
-    x = _conv_bn_relu(x, 6, "c")
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="tf_op_shortcut")
+    return _classifier(inputs, tf.nn.relu(x + shortcut) * 0.5, "tf_op_shortcut")
 
 
 def tf_op_concat_zeros():
@@ -141,10 +138,14 @@ def tf_op_concat_zeros():
     inputs = tf.keras.Input((8, 8, 3))
     x = _conv_bn_relu(inputs, 4, "a")
     widened = tf.concat([x, tf.zeros_like(x)], axis=-1)
-    x = L.Add(name="add")([widened, L.Conv2D(8, 3, padding="same", name="b")(x)])
-    x = _conv_bn_relu(x, 6, "c")
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name="tf_op_concat_zeros")
+    return _classifier(inputs, L.Add(name="add")([widened, L.Conv2D(8, 3, padding="same", name="b")(x)]),
+                       "tf_op_concat_zeros")
+
+
+def _classifier(inputs, x, name):
+    """conv c (6 channels), global pooling and a 3-class head on top of ``x``."""
+    x = L.GlobalAveragePooling2D(name="gap")(_conv_bn_relu(x, 6, "c"))
+    return tf.keras.Model(inputs, L.Dense(3, name="head")(x), name=name)
 
 
 def lambda_barrier():
