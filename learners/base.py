@@ -19,7 +19,7 @@ from pocketflow.config import TargetConfig, parse_section
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
-from pocketflow.export import TFLiteMeasurement, convert, measure_file, write_atomic
+from pocketflow.export import TFLiteMeasurement, export_and_measure, measure_file
 from pocketflow.metrics import count_macs
 from pocketflow.registry import Registry
 from pocketflow.training import TrainSchedule
@@ -51,8 +51,8 @@ class LearnerContext:
     def export_and_measure(self, model: tf.keras.Model, path: Path, mode: str, images, labels,
                            representative=None) -> TFLiteMeasurement:
         """Convert ``model`` to a TFLite file of ``mode`` (written atomically), then measure it."""
-        write_atomic(Path(path), convert(model, mode, representative))
-        return self.measure_file(path, mode, images, labels)
+        return export_and_measure(model, Path(path), mode, test_images=images, test_labels=labels,
+                                  representative=representative, threads=self.threads, runs=self.latency_runs)
 
 
 class Learner(abc.ABC):

@@ -58,15 +58,10 @@ def _tensor_count(call: OpCall) -> int:
     return sum(1 for value in tf.nest.flatten(list(call.arguments.values())) if _is_tensor(value))
 
 
-def _tensor_arguments(call: OpCall) -> List[str]:
-    return [name for name, value in call.arguments.items() if _is_tensor(value)]
-
-
 def _unary(call: OpCall) -> OpKind:
     """An element-wise function of one tensor (any other argument a scalar or a name)."""
-    tensors = _tensor_arguments(call)
-    others = [value for name, value in call.arguments.items() if name not in tensors and name != "name"]
-    if len(tensors) != 1 or _tensor_count(call) != 1 or call.in_shapes[0] != call.out_shapes[0]:
+    others = [value for name, value in call.arguments.items() if name != "name" and not _is_tensor(value)]
+    if _tensor_count(call) != 1 or call.in_shapes[0] != call.out_shapes[0]:
         return OpKind(KIND_BARRIER, f"tf.{call.symbol} of more than one tensor or changing the shape")
     if not all(value is None or _is_scalar(value) or isinstance(value, (str, tf.DType)) for value in others):
         return OpKind(KIND_BARRIER, f"tf.{call.symbol} with a non-scalar argument")

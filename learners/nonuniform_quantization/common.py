@@ -25,10 +25,9 @@ from learners.nonuniform_quantization.clustering import AdaptiveClusterProjectio
 from learners.nonuniform_quantization.codebooks import Layout
 from learners.packing import distinct_values, packed_bytes
 from learners.weight_sparsification.masks import PrunableWeight, prunable_weights, variables_by_key
-from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.config import TargetConfig
 from pocketflow.errors import ConfigError
-from pocketflow.training import from_trained, train
+from pocketflow.training import batchnorm_layers, from_trained, recalibrate_batchnorm, train
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,8 @@ from learners.uniform_quantization.fold import FoldedPair, fold_weights, foldabl
 from learners.uniform_quantization.options import DEFAULT_LOW_BITS, UniformConfig
 from learners.uniform_quantization.lowbit import (SCHEMES, KernelSpec, ShadowQuantizer, kernel_specs, mse_ratios,
                                                   quantized_values)
-from pocketflow.training import batchnorm_layers, recalibrate_batchnorm
 from pocketflow.errors import ConfigError
-from pocketflow.training import outputs_probabilities, train
+from pocketflow.training import batchnorm_layers, outputs_probabilities, recalibrate_batchnorm, train
 
 log = logging.getLogger(__name__)
 
