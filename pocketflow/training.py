@@ -144,7 +144,9 @@ def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, ba
 
     Compression shifts every layer's activation statistics, and a short training cannot move
     moving averages with momentum 0.99 far enough, so a model would be scored with stale ones.
-    Eager forward passes with momentum 1 - 1/i make the moving values the running mean.
+    With momentum 0 each forward pass leaves that batch's statistics in the moving variables;
+    they are averaged here. The pass runs as one traced function: eager calls took 1.7x longer
+    on ResNet-56 (scripts/time_recalibration.py).
     """
     layers = batchnorm_layers(model)
     if not layers or batches <= 0:
@@ -153,17 +155,27 @@ def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, ba
     # the cache, a search resumed): the shuffle's order also depends on TensorFlow's global seed.
     tf.random.set_seed(seed)
     momenta = [layer.momentum for layer in layers]
+    statistics = [(layer.moving_mean, layer.moving_variance) for layer in layers]
+    totals = [[np.zeros(mean.shape, np.float64), np.zeros(variance.shape, np.float64)]
+              for mean, variance in statistics]
     done = 0
     try:
-        for index, (images, _) in enumerate(data.train(batch_size, shuffle=True, seed=seed + 1, repeat=True)
-                                            .take(batches), start=1):
-            for layer in layers:
-                layer.momentum = 1.0 - 1.0 / index
-            model(images, training=True)
-            done = index
+        for layer in layers:
+            layer.momentum = 0.0  # read when the pass is traced: the moving values become the batch's
+        forward = tf.function(lambda images: model(images, training=True))
+        for images, _ in data.train(batch_size, shuffle=True, seed=seed + 1, repeat=True).take(batches):
+            forward(images)
+            for total, (mean, variance) in zip(totals, statistics):
+                total[0] += mean.numpy()
+                total[1] += variance.numpy()
+            done += 1
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
+    if done:
+        for (mean, variance), (mean_total, variance_total) in zip(statistics, totals):
+            mean.assign((mean_total / done).astype(mean.dtype.as_numpy_dtype))
+            variance.assign((variance_total / done).astype(variance.dtype.as_numpy_dtype))
     return done
 
 
