@@ -286,6 +286,7 @@ class ChannelAnalysis:
                  successors: Dict[str, List[str]], pads: Optional[Dict[str, str]] = None,
                  pad_widths: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
         self.model = model
+        self._layers = {layer.name: layer for layer in model.layers}
         self._pads = dict(pads or {})
         self._pad_widths = dict(pad_widths or {})
         self._successors = successors
@@ -353,6 +354,14 @@ class ChannelAnalysis:
                 return f"{producer}[{start}:{start + self._spaces.size[space]}]"
             start += self._spaces.size[space]
         raise AssertionError(f"{producer} does not produce space {root}")  # pragma: no cover
+
+    def layer(self, name: str) -> tf.keras.layers.Layer:
+        """The model's layer called ``name`` (from a dict: Keras' get_layer walks every layer, and
+        a candidate's selection and re-fit look layers up a few thousand times)."""
+        try:
+            return self._layers[name]
+        except KeyError:
+            raise ValueError(f"no layer named '{name}' in model '{self.model.name}'") from None
 
     def pad_role(self, layer_name: str) -> Optional[str]:
         """'pad', 'enter', 'exit' or 'part' for the layers of a channel pad (see ``_channel_pads``)."""

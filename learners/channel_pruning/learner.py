@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from learners.base import Learner, register_learner
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
-from learners.channel_pruning.selection import prune_model
+from learners.channel_pruning.selection import BaselineCache, prune_model
 from learners.distillation import Distiller, distillation_loss
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
@@ -82,13 +82,13 @@ class ChannelPruningLearner(Learner):
         self._analysis: Optional[ChannelAnalysis] = None
         self._samples: Optional[np.ndarray] = None
         self._last_candidate: Tuple[Optional[tf.keras.Model], Mapping[str, int]] = (None, {})
-        self._moments: Dict[str, Any] = {}  # the baseline's sampled moments, shared by every candidate
+        self._baseline_cache = BaselineCache()  # the baseline's sampled statistics, shared by every candidate
 
     # ------------------------------------------------------------------ analysis
     def analysis(self, model: tf.keras.Model) -> ChannelAnalysis:
         if self._analysis is None or self._analysis.model is not model:
             self._analysis = analyze(model)
-            self._moments = {}
+            self._baseline_cache = BaselineCache()
             unknown = [name for name in self.options.protect if name not in self._analysis.groups]
             if unknown:
                 raise ConfigError(f"channel.protect names {unknown}, which are not prunable groups; "
@@ -230,7 +230,7 @@ class ChannelPruningLearner(Learner):
         ratios = {name: count / analysis.groups[name].channels for name, count in hparams.keep_counts.items()}
         samples = self._sample_images() if hparams.criterion != "l1" else None
         pruned, info = prune_model(model, ratios, criterion=hparams.criterion, sample_images=samples,
-                                   analysis=analysis, seed=self.context.seed, moments_cache=self._moments)
+                                   analysis=analysis, seed=self.context.seed, cache=self._baseline_cache)
         if info.not_reconstructed:
             log.debug("not reconstructed: %s", info.not_reconstructed)
         if self.options.recalibrate_batches > 0:

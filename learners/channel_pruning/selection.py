@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -38,15 +39,15 @@ logger = logging.getLogger(__name__)
 
 CRITERIA = ("l1", "lasso", "greedy")
 MAX_FEATURES = 4096  # terminators with more input features (k*k*C) are not re-fitted
+TARGET_CACHE_BYTES = 512 * 2 ** 20  # the baseline's re-fit targets kept for the next candidates, at most
 
 
 # ---------------------------------------------------------------------------- L1
 def l1_scores(analysis: ChannelAnalysis, group: str) -> np.ndarray:
     """Per channel of ``group``: L1 norm of its filters, summed over the group's producers."""
-    model = analysis.model
     scores = np.zeros(analysis.groups[group].channels, dtype=np.float64)
     for name in analysis.groups[group].producers:
-        layer = model.get_layer(name)
+        layer = analysis.layer(name)
         kernel = layer.get_weights()[1 if isinstance(layer, _SEPARABLE) else 0]
         norms = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
         for positions in analysis.group_positions(name, group, output=True):  # the group's band of outputs
@@ -122,6 +123,12 @@ def _features(layer: tf.keras.layers.Layer, inputs: np.ndarray, positions: int,
     return patches.reshape(len(image), kernel_h * kernel_w * channels)
 
 
+def _positions_rng(seed: int, layer_name: str) -> np.random.Generator:
+    """The sampled positions of one layer's input: the same for the baseline and every candidate
+    (whatever else is sampled or cached), so their rows correspond."""
+    return np.random.default_rng([seed, zlib.crc32(layer_name.encode())])
+
+
 @dataclass
 class _Moments:
     """Second moments of a terminator's sampled input, with a constant-1 feature last."""
@@ -130,11 +137,32 @@ class _Moments:
     rows: int = 0
 
 
+@dataclass
+class BaselineCache:
+    """What every candidate of one search computes from the baseline alike, computed once.
+
+    ``moments``: each reader's sampled input moments (LASSO's statistics, for every group's
+    readers on the first candidate). ``targets``: the baseline's outputs at the sampled positions,
+    per reader and chunk of images (the sequential re-fit's right-hand side), kept up to
+    TARGET_CACHE_BYTES. Valid for one model, one array of sample images and one seed.
+    """
+
+    moments: Dict[str, _Moments] = field(default_factory=dict)
+    targets: Dict[str, List[np.ndarray]] = field(default_factory=dict)
+    target_bytes: int = 0
+
+    def keep_targets(self, name: str, targets: List[np.ndarray]) -> None:
+        size = sum(target.nbytes for target in targets)
+        if self.target_bytes + size <= TARGET_CACHE_BYTES:
+            self.targets[name] = targets
+            self.target_bytes += size
+
+
 def _sample_moments(model: tf.keras.Model, terminators: List[str], images: np.ndarray,
                     positions: int, batch_size: int, seed: int) -> Dict[str, _Moments]:
     """Accumulate [X, 1]^T [X, 1] for the input of every terminator over ``images``."""
-    rng = np.random.default_rng(seed)
     layers_ = [model.get_layer(name) for name in terminators]
+    rngs = {layer.name: _positions_rng(seed, layer.name) for layer in layers_}
     probe = tf.keras.Model(model.inputs, [layer.input for layer in layers_])
     result = {}
     for layer in layers_:
@@ -145,7 +173,8 @@ def _sample_moments(model: tf.keras.Model, terminators: List[str], images: np.nd
         if len(layers_) == 1:
             outputs = [outputs]
         for layer, output in zip(layers_, outputs):
-            rows = _features(layer, np.asarray(output, dtype=np.float32), positions, rng).astype(np.float64)
+            rows = _features(layer, np.asarray(output, dtype=np.float32), positions,
+                             rngs[layer.name]).astype(np.float64)
             rows = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
             entry = result[layer.name]
             entry.moments += rows.T @ rows
@@ -167,7 +196,7 @@ def _contribution_gram(analysis: ChannelAnalysis, group: str, terminator: str,
     centered: the re-fit will absorb a constant shift (bias or BatchNorm mean), so only the
     varying part of a contribution counts.
     """
-    kernel = _flat_kernel(analysis.model.get_layer(terminator))
+    kernel = _flat_kernel(analysis.layer(terminator))
     channels = analysis.groups[group].channels
     feature_label = _group_labels(analysis, group, terminator, kernel.shape[0])
     chosen = np.flatnonzero(feature_label >= 0)
@@ -203,8 +232,11 @@ def lasso_keep(gram: np.ndarray, count: int) -> np.ndarray:
     products = design.T @ response
     alpha_max = float(np.max(np.abs(products))) / channels  # all coefficients zero from here up
     alphas = np.geomspace(alpha_max, alpha_max * 1e-4, 200)
-    alphas, coefs, _ = lasso_path(design, response, alphas=alphas, max_iter=5000,
-                                  precompute=design.T @ design, Xy=products)
+    # check_input=False skips scikit-learn's validation of every array at every alpha (5-8x the
+    # path's own time here); the arrays are given in the layouts it expects, and the path is the same.
+    alphas, coefs, _ = lasso_path(np.asfortranarray(design), response, alphas=alphas, max_iter=5000,
+                                  precompute=np.ascontiguousarray(design.T @ design), Xy=products,
+                                  check_input=False)
     nonzero = np.abs(coefs) > 1e-12                      # (channels, alphas), alphas decreasing
     counts = nonzero.sum(axis=0)
     within = np.flatnonzero(counts <= count)
@@ -219,7 +251,7 @@ def lasso_keep(gram: np.ndarray, count: int) -> np.ndarray:
 
 def _group_labels(analysis: ChannelAnalysis, group: str, terminator: str, features: int) -> np.ndarray:
     """For every kernel feature of ``terminator``: the group channel it reads, or -1."""
-    layer = analysis.model.get_layer(terminator)
+    layer = analysis.layer(terminator)
     label = np.full(int(layer.input_shape[-1]), -1)
     for occurrence in analysis.group_positions(terminator, group):
         label[occurrence] = np.arange(analysis.groups[group].channels)
@@ -239,7 +271,7 @@ def greedy_keep(analysis: ChannelAnalysis, group: str, count: int,
     channels = analysis.groups[group].channels
     states = []
     for terminator in analysis.groups[group].terminators:
-        kernel = _flat_kernel(analysis.model.get_layer(terminator))
+        kernel = _flat_kernel(analysis.layer(terminator))
         features = kernel.shape[0]
         intercept, _ = _bias_sink(analysis, terminator)
         columns = np.arange(features + int(intercept))
@@ -272,7 +304,7 @@ def greedy_keep(analysis: ChannelAnalysis, group: str, count: int,
 # ---------------------------------------------------------------------------- least squares
 def _bias_sink(analysis: ChannelAnalysis, terminator: str) -> Tuple[bool, Optional[str]]:
     """(whether the re-fit may shift the output, BatchNorm that absorbs the shift if no bias)."""
-    layer = analysis.model.get_layer(terminator)
+    layer = analysis.layer(terminator)
     if layer.use_bias:
         return True, None
     followers = analysis.successors(terminator)
@@ -293,8 +325,7 @@ def _refit_weights(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str
 
     ``solution``: rows = kept kernel features (then the intercept), columns = all outputs.
     """
-    model = analysis.model
-    layer = model.get_layer(terminator)
+    layer = analysis.layer(terminator)
     out_indices = analysis.output_indices(terminator, keep)
     kept_inputs = analysis.input_indices(terminator, keep)
     weights = layer.get_weights()
@@ -307,7 +338,7 @@ def _refit_weights(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str
         return {terminator: [kernel, (weights[1] + shift)[out_indices].astype(np.float32)]}
     result = {terminator: [kernel]}
     if sink is not None:
-        batchnorm = model.get_layer(sink)
+        batchnorm = analysis.layer(sink)
         bn_weights = batchnorm.get_weights()
         mean_index = next(i for i, w in enumerate(batchnorm.weights) if "moving_mean" in w.name)
         bn_weights[mean_index] = bn_weights[mean_index] - shift.astype(np.float32)
@@ -318,7 +349,7 @@ def _refit_weights(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str
 def _refit_from_moments(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str, np.ndarray],
                         moments: _Moments) -> Tuple[Dict[str, List[np.ndarray]], str]:
     """One-shot re-fit: inputs sampled from the original model, kept channels = a column subset."""
-    layer = analysis.model.get_layer(terminator)
+    layer = analysis.layer(terminator)
     kernel = _flat_kernel(layer)
     features = kernel.shape[0]
     kept_inputs = analysis.input_indices(terminator, keep)
@@ -382,24 +413,36 @@ class _GraphRunner:
         return [np.asarray(value) for value in self.values[node.flat_input_ids[0]]]
 
 
+def _baseline_targets(layer: tf.keras.layers.Layer, inputs: List[np.ndarray], positions: int,
+                      seed: int) -> List[np.ndarray]:
+    """The baseline layer's outputs (before bias) at the sampled positions, one array per chunk."""
+    kernel, rng = _flat_kernel(layer), _positions_rng(seed, layer.name)
+    return [_features(layer, chunk, positions, rng).astype(np.float64) @ kernel for chunk in inputs]
+
+
 def _refit_sequential(analysis: ChannelAnalysis, pruned: tf.keras.Model, keep: Mapping[str, np.ndarray],
                       terminators: List[str], images: np.ndarray, positions: int, batch_size: int,
-                      seed: int) -> Tuple[List[str], Dict[str, str]]:
-    """Re-fit ``terminators`` of ``pruned`` in place, in graph order, against the original outputs."""
+                      seed: int, cache: Optional[BaselineCache] = None) -> Tuple[List[str], Dict[str, str]]:
+    """Re-fit ``terminators`` of ``pruned`` in place, in graph order, against the original outputs
+    (taken from ``cache`` when an earlier candidate computed them: the baseline is only run for
+    the layers whose targets are not there)."""
     model = analysis.model
     keys = _node_keys(model)
     chunks = [images[start:start + batch_size] for start in range(0, len(images), batch_size)]
     original, current = _GraphRunner(model, keys, chunks), _GraphRunner(pruned, keys, chunks)
+    pruned_layers = {layer.name: layer for layer in pruned.layers}
     done, why_not = [], {}
-    for index, name in enumerate(sorted(terminators, key=lambda t: [k[0] for k in keys].index(t))):
-        layer, new_layer = model.get_layer(name), pruned.get_layer(name)
-        kernel = _flat_kernel(layer)
+    for name in sorted(terminators, key=lambda t: [k[0] for k in keys].index(t)):
+        layer, new_layer = analysis.layer(name), pruned_layers[name]
         intercept, sink = _bias_sink(analysis, name)
         system, rhs, rows = 0.0, 0.0, 0
-        rng_original = np.random.default_rng([seed, index])
-        rng_current = np.random.default_rng([seed, index])
-        for x_original, x_current in zip(original.input_of(name), current.input_of(name)):
-            target = _features(layer, x_original, positions, rng_original).astype(np.float64) @ kernel
+        targets = cache.targets.get(name) if cache is not None else None
+        if targets is None:
+            targets = _baseline_targets(layer, original.input_of(name), positions, seed)
+            if cache is not None:
+                cache.keep_targets(name, targets)
+        rng_current = _positions_rng(seed, name)
+        for target, x_current in zip(targets, current.input_of(name)):
             inputs = _features(new_layer, x_current, positions, rng_current).astype(np.float64)
             if intercept:
                 inputs = np.concatenate([inputs, np.ones((inputs.shape[0], 1))], axis=1)
@@ -411,7 +454,7 @@ def _refit_sequential(analysis: ChannelAnalysis, pruned: tf.keras.Model, keep: M
             continue
         for layer_name, weights in _refit_weights(analysis, name, keep, _solve(system, rhs),
                                                   intercept, sink).items():
-            pruned.get_layer(layer_name).set_weights(weights)
+            pruned_layers[layer_name].set_weights(weights)
         done.append(name)
     return done, why_not
 
@@ -435,12 +478,11 @@ class PruneInfo:
 
 def _terminators(analysis: ChannelAnalysis, groups: List[str]) -> Tuple[List[str], Dict[str, str]]:
     """Re-fittable layers reading any of ``groups`` (graph order), and why the others are not."""
-    model = analysis.model
     fittable, why_not = [], {}
     for group in groups:
         for name in analysis.groups[group].terminators:
-            reason = _reconstructible(model.get_layer(name))
-            if reason is None and _flat_kernel(model.get_layer(name)).shape[0] > MAX_FEATURES:
+            reason = _reconstructible(analysis.layer(name))
+            if reason is None and _flat_kernel(analysis.layer(name)).shape[0] > MAX_FEATURES:
                 reason = f"'{name}' has more than {MAX_FEATURES} input features"
             if reason is not None:
                 why_not[name] = reason
@@ -453,7 +495,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
                 sample_images: Optional[np.ndarray] = None, *, reconstruct: Optional[bool] = None,
                 sequential: bool = True, analysis: Optional[ChannelAnalysis] = None,
                 positions_per_image: int = 16, batch_size: int = 128, seed: int = 0,
-                moments_cache: Optional[Dict[str, "_Moments"]] = None) -> Tuple[tf.keras.Model, PruneInfo]:
+                cache: Optional[BaselineCache] = None) -> Tuple[tf.keras.Model, PruneInfo]:
     """Prune each group to max(1, round(ratio * channels)) channels; returns (model, info).
 
     criterion: "l1" (filter norms, no data); "lasso" (He et al. 2017: LASSO on the channels'
@@ -465,9 +507,9 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     of the already re-fitted pruned model (corrects the error that accumulates along the
     net); False re-fits all from the original's inputs. Groups not named in ``keep_ratios``
     keep all their channels. Groups whose readers cannot be re-fitted (SeparableConv2D,
-    Conv1D, ...) fall back to L1. moments_cache: an empty dict to fill, then pass again with the
-    same model, images and seed: the original model's sampled moments are the same for every
-    candidate, so a search computes them once (for every group's readers) instead of per trial.
+    Conv1D, ...) fall back to L1. cache: an empty BaselineCache to fill, then pass again with the
+    same model, images and seed: the original model's sampled moments and re-fit targets are the
+    same for every candidate, so a search computes them once instead of per trial.
     """
     started = time.perf_counter()
     if criterion not in CRITERIA:
@@ -488,14 +530,14 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     one_shot = reconstruct and not sequential
     moments: Dict[str, _Moments] = {}
     if terminators and (criterion != "l1" or one_shot):
-        if moments_cache is None:
+        if cache is None:
             moments = _sample_moments(model, terminators, sample_images, positions_per_image, batch_size, seed)
         else:
-            if not moments_cache:
+            if not cache.moments:
                 every, _ = _terminators(analysis, list(analysis.groups))
-                moments_cache.update(_sample_moments(model, every, sample_images, positions_per_image,
+                cache.moments.update(_sample_moments(model, every, sample_images, positions_per_image,
                                                      batch_size, seed))
-            moments = moments_cache
+            moments = cache.moments
 
     keep: Dict[str, np.ndarray] = {}
     selection: Dict[str, str] = {}
@@ -527,7 +569,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     pruned = prune(model, keep, new_weights, analysis=analysis)
     if reconstruct and not one_shot and terminators:
         reconstructed, failed = _refit_sequential(analysis, pruned, keep, terminators, sample_images,
-                                                  positions_per_image, batch_size, seed)
+                                                  positions_per_image, batch_size, seed, cache)
         why_not.update(failed)
     info = PruneInfo(
         criterion=criterion,

@@ -67,7 +67,7 @@ def _resize_channel_pad(entry: dict, analysis: ChannelAnalysis, name: str,
         width = len(analysis.output_indices(name, {}))  # before pruning
         kept_positions = analysis.output_indices(name, kept)
         padding = (int(np.sum(kept_positions < before)), int(np.sum(kept_positions >= width - after)))
-        if tf_ops.is_tf_op(analysis.model.get_layer(name)):
+        if tf_ops.is_tf_op(analysis.layer(name)):
             tf_ops.set_channel_padding(entry, *padding)  # tf.pad: the widths are a call argument
         else:
             layer_config["padding"] = padding
@@ -110,9 +110,10 @@ def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
     with _unsafe_deserialization():
         pruned = builder.from_config(config, custom_objects=custom_objects)
 
+    old_layers = {layer.name: layer for layer in model.layers}
     for new_layer in pruned.layers:
         name = new_layer.name
-        old_layer = model.get_layer(name)
+        old_layer = old_layers[name]
         weights = old_layer.get_weights()
         if not weights and name not in new_weights:
             continue

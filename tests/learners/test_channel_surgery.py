@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from learners.channel_pruning.graph import analyze
-from learners.channel_pruning.selection import keep_counts, l1_keep, l1_scores, lasso_keep, prune_model
+from learners.channel_pruning.selection import BaselineCache, keep_counts, l1_keep, l1_scores, lasso_keep, prune_model
 from learners.channel_pruning.surgery import prune
 from pocketflow.metrics import count_macs, count_params
 from tests.conftest import shared_file
@@ -557,15 +557,19 @@ def test_resnet20_lasso_reconstruction_beats_l1(resnet20):
     assert lasso_accuracy > l1_accuracy + 0.3
 
 
-def test_moments_are_sampled_once_per_search(resnet20):
-    """A search passes one cache: the baseline's moments are computed for every group's readers on
-    the first candidate and reused, and a candidate built from the cache is the same each time."""
+def test_baseline_statistics_are_computed_once_per_search(resnet20):
+    """A search passes one cache: the baseline's moments (for every group's readers) and re-fit
+    targets are computed on the first candidate and reused, and a candidate built from the cache
+    is the one built without it."""
     train_images, _ = _cifar("data_batch_1.bin", 200)
-    cache = {}
+    cache = BaselineCache()
     ratios = {name: 0.5 for name in BLOCKS20}
-    first, _ = prune_model(resnet20, ratios, "lasso", train_images, moments_cache=cache)
+    first, info = prune_model(resnet20, ratios, "lasso", train_images, cache=cache)
     readers = {t for group in analyze(resnet20).groups.values() for t in group.terminators}
-    assert set(cache) == readers
-    second, _ = prune_model(resnet20, ratios, "lasso", train_images, moments_cache=cache)
+    assert set(cache.moments) == readers
+    assert set(cache.targets) == set(info.reconstructed) and cache.target_bytes > 0
+    second, _ = prune_model(resnet20, ratios, "lasso", train_images, cache=cache)
+    alone, _ = prune_model(resnet20, ratios, "lasso", train_images)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(first(x), second(x))
+    np.testing.assert_allclose(first(x), alone(x), rtol=1e-4, atol=1e-4)
