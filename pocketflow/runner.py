@@ -378,15 +378,20 @@ class Runner:
 
         finished = finish_front(self.config, self.distributed, self.output_dir, self._best_fields, learner,
                                 baseline_model, dataset, baseline, outcome, finetune_epochs)
+        reason = finished["reason"]
+        if finished["best"] is not None:  # the picked model is what ships: its target is re-checked on it
+            finished["best"]["target_check"], missed = check_shipped(self.config.target.requested(),
+                                                                     finished["best"])
+            reason = reason or missed
         report.update(pareto=finished["pareto"], best=finished["best"], seconds=time.time() - started)
-        if finished["reason"]:
-            report.update(status="target_not_met", reason=finished["reason"])
+        if reason:
+            report.update(status="target_not_met", reason=reason)
         if self.distributed.is_chief:
             write_report(self.output_dir, report)
         self.distributed.barrier()
-        if finished["reason"]:
-            raise TargetNotMetError(f"{finished['reason']}; every front model is in "
-                                    f"{self.output_dir / 'pareto.csv'}")
+        reason = self.distributed.broadcast_object(reason)
+        if reason:
+            raise TargetNotMetError(f"{reason}; every front model is in {self.output_dir / 'pareto.csv'}")
         return report
 
     def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,

@@ -100,6 +100,34 @@ def test_checks_name_the_problem_and_the_fix():
         build_run_config({"hpo": {"objective": "pareto"}, "pareto": {"pick_size_kb": -1}}, LEARNERS.names())
 
 
+def test_the_picked_model_is_rechecked_against_the_target(tmp_path, monkeypatch):
+    """What ships from a front is re-checked like a plain run's best: a pick that misses the
+    requested speedup makes the run 'target_not_met' (exit 3), with the check in the report."""
+    import time
+
+    import hpo.pareto
+    from pocketflow.distributed import SingleProcess
+    from pocketflow.errors import TargetNotMetError
+    from pocketflow.runner import Runner
+
+    config = build_run_config({"learner": "channel", "target": {"speedup": 2.0}, "hpo": {"objective": "pareto"},
+                               "output_dir": str(tmp_path)}, LEARNERS.names())
+    picked = {"trial": 3, "speedup": 1.8, "accuracy": 0.9}
+    monkeypatch.setattr(hpo.pareto, "finish_front", lambda *args: {"pareto": {}, "best": dict(picked), "reason": None})
+    runner = Runner(config, distributed=SingleProcess())
+    runner.output_dir = tmp_path
+    report = {"status": "completed"}
+    with pytest.raises(TargetNotMetError, match="speedup 2 requested, the shipped result reaches 1.8"):
+        runner._finish_front(None, None, None, None, None, report, 0.0, time.time())
+    assert report["status"] == "target_not_met"
+    assert report["best"]["target_check"] == {"speedup": {"target": 2.0, "shipped": 1.8, "met": False}}
+    assert json.loads((tmp_path / "report.json").read_text())["best"]["target_check"]["speedup"]["met"] is False
+    picked["speedup"] = 2.1
+    report = {"status": "completed"}
+    runner._finish_front(None, None, None, None, None, report, 0.0, time.time())
+    assert report["status"] == "completed" and report["best"]["target_check"]["speedup"]["met"] is True
+
+
 # --------------------------------------------------------------------------- end to end
 
 PICK_SIZE_KB = 70.0
