@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -90,6 +91,7 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
     feasible = [t for t in completed if t.user_attrs.get("feasible")]
     reference = [t for t in completed if t.user_attrs.get("reference")]
     best = max(feasible, key=lambda t: (accuracy_of(t), -t.number)) if feasible else None
+    seconds = [float(t.user_attrs["seconds"]) for t in completed if "seconds" in t.user_attrs]
     return {
         "study_name": study.study_name,
         "storage": storage_url,
@@ -98,6 +100,9 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
         "best_validation_accuracy": accuracy_of(best) if best else None,
         "reference_validation_accuracy": accuracy_of(reference[0]) if reference else None,
         "largest_reached": largest_reached(study),
+        # What one trial costs (compress + score, BatchNorm re-estimation included), over the
+        # completed trials of the study (earlier sessions' too, when resumed).
+        "median_trial_seconds": round(statistics.median(seconds), 2) if seconds else None,
         "trials_csv": "trials.csv",
     }
 

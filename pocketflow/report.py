@@ -120,6 +120,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                 f"(trial #{search.get('best_trial')})")
         if search.get("reference_validation_accuracy") is not None:
             line += f"; the uniform reference trial reached {_percent(search['reference_validation_accuracy'])}"
+        if search.get("median_trial_seconds") is not None:
+            line += f"; a trial took {search['median_trial_seconds']:.1f} s (median)"
         lines += ["", line + f". Every trial: `{search.get('trials_csv', 'trials.csv')}`; study "
                               f"'{search.get('study_name')}' in `{search.get('storage')}`."]
     for section in (best or {}).get("report_sections") or []:  # what the learner adds (Learner.describe)

@@ -37,9 +37,11 @@ def test_quick_selection_needs_no_shared_data():
 def test_row_from_report_uses_the_shipped_file():
     report = {"status": "completed", "baseline": {"accuracy": 0.9},
               "best": {"accuracy": 0.88, "tflite_accuracy": 0.87, "artifact_accuracy": 0.86, "speedup": 1.0,
-                       "compression": 4.0, "latency_speedup": 1.1, "shipped_format": "container"}}
+                       "compression": 4.0, "latency_speedup": 1.1, "shipped_format": "container"},
+              "search": {"median_trial_seconds": 12.34}}
     row = harness.row_from_report(report)
-    assert row["accuracy"] == 0.86 and row["compression"] == 4.0
+    assert row["accuracy"] == 0.86 and row["compression"] == 4.0 and row["trial_seconds"] == 12.34
+    assert harness._cell("trial_seconds", 12.34, row) == "12.3 s"
     assert harness._with_delta({**row})["delta"] == pytest.approx(-4.0)
 
 

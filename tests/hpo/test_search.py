@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -94,6 +95,8 @@ def test_search_runs_the_budget_and_keeps_only_feasible_winners(tmp_path, settin
     assert (tmp_path / "search_history.png").stat().st_size > 1000
     assert (tmp_path / "accuracy_vs_speedup.png").stat().st_size > 1000
     assert outcome.details["reference_validation_accuracy"] is not None
+    seconds = [float(row["seconds"]) for row in rows if row["state"] == "COMPLETE"]  # rounded to 0.01 s
+    assert outcome.details["median_trial_seconds"] == pytest.approx(statistics.median(seconds), abs=0.02)
 
 
 def test_unreachable_target_stops_before_any_trial(tmp_path, setting):
