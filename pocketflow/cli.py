@@ -7,6 +7,7 @@ Exit codes: 0 done, 2 bad input (flag, config, file, data), 3 no candidate met t
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -65,13 +66,28 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse whose bad-flag message is one line ``error: ...`` (exit 2), like every other user error."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message}; see python main.py --help\n")
+        sys.stderr.write(f"error: {message}{self._suggestion(message)}; see python main.py --help\n")
         raise SystemExit(2)
+
+    def _suggestion(self, message: str) -> str:
+        """'; did you mean --target-speedup?' for a misspelt flag (abbreviations are not accepted,
+        so that --target-speed cannot silently mean something)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{word.split('=', 1)[0]} -> {close[0]}")
+        return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="main.py",
+        allow_abbrev=False,
         description="PocketFlow-TF2: compress a Keras model to a target, export it to TFLite, report what it "
                     "costs. With no flags: train the built-in digits CNN on scikit-learn's digits.",
         epilog="Exit status: 0 done; 2 bad input; 3 no candidate met the target (report still written); "

@@ -116,7 +116,11 @@ FLAG_CASES = {
     # wrong types and malformed flags
     "epochs-not-a-number": (["--epochs", "abc"], ["argument --epochs: invalid float value: 'abc'"]),
     "trials-not-whole": (["--trials", "2.5"], ["argument --trials: invalid int value: '2.5'"]),
-    "unknown-flag": (["--target-sped", "2"], ["unrecognized arguments: --target-sped 2"]),
+    "unknown-flag": (["--target-sped", "2"], ["unrecognized arguments: --target-sped 2",
+                                             "did you mean: --target-sped -> --target-speedup?"]),
+    # No abbreviations: a prefix of a flag is not that flag (it would change what a typo means).
+    "abbreviated-flag": (["--target-speed=2.5"], ["unrecognized arguments: --target-speed=2.5",
+                                                  "did you mean: --target-speed -> --target-speedup?"]),
     "set-wrong-type": (["--set", "export.threads=many"], ["export.threads = 'many'", "whole number"]),
     "set-into-a-value": (["--set", "seed=3", "--set", "seed.value=3"], ["cannot set 'seed.value'",
                                                                       "not a section"]),
