@@ -284,6 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as stop:  # --help (0), or a bad flag (2; its one line is printed)
         return stop.code if isinstance(stop.code, int) else 2
     _configure_logging(args.quiet)
+    from pocketflow import keras_setup
+
+    keras_setup.start_quietly()  # before the first module that imports TensorFlow
     from pocketflow.errors import TargetNotMetError, UserError
     from pocketflow.training import DivergenceError
 

@@ -1,11 +1,12 @@
-"""Pick one Keras for the whole process, before anything touches ``tf.keras``.
+"""TensorFlow's environment for the whole process, set before TensorFlow reads it.
 
-tensorflow-model-optimization sets TF_USE_LEGACY_KERAS=1 when it is imported, and every
-``tf.keras`` lazy loader resolves its Keras package (``keras`` or ``tf_keras``) the first time
-it is touched. A process that touches ``tf.keras`` before importing TFMOT therefore ends up
-with both packages, and loading a saved model can then loop forever inside Keras. Importing
-TFMOT here first makes every loader agree on tf_keras (Keras 2), which TFMOT's
-quantization and pruning need, and Horovod 0.28 needs (it fails on Keras 3 variables).
+One Keras: tf-keras (Keras 2), which TFMOT's quantization and pruning and Horovod 0.28 need.
+TensorFlow reads ``TF_USE_LEGACY_KERAS`` when it is imported (for the module paths behind
+``from tensorflow.keras import layers``) and ``tf.keras``'s lazy loader reads it the first time it
+is touched; setting it here, before either, gives every process the same Keras whoever launched it
+(before, TFMOT set it on import, and ``from tensorflow.keras import ...`` still reached Keras 3).
+Importing this module does not import TensorFlow, so ``import pocketflow.config`` stays light;
+``start_quietly()`` imports it (the CLI calls it before its first TensorFlow import).
 Import ``pocketflow`` before touching ``tf.keras`` in your own scripts.
 """
 
@@ -17,11 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (batch 128, 2 cores) took 609-610 ms against 1,068-1,138 ms off, interleaved in one sitting
 # (`python scripts/time_training_step.py --model RESNET20.h5`). A user who sets the variable keeps it.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-if "tensorflow" not in sys.modules:
-    # TensorFlow reads the variable once, at import, for its module paths; a child process
-    # inherits it set to 1 from a parent that imported TFMOT. Start from TensorFlow's default
-    # so every process ends in the same state, whoever launched it.
-    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 
 # What TensorFlow prints on file descriptor 2 while it starts, on every machine: CUDA probing on
@@ -32,15 +29,16 @@ _START_UP_NOISE = ("Unable to register", "TF-TRT Warning", "All log messages bef
                    "oneDNN custom operations are on")
 
 
-def _start_quietly() -> None:
-    """Import TensorFlow and TFMOT, and let TensorFlow probe its devices, with the start-up noise
-    on file descriptor 2 filtered out, so that a user error stays one line on stderr. Anything
-    else printed there meanwhile is passed through."""
+def start_quietly() -> None:
+    """Import TensorFlow and let it probe its devices, with the start-up noise on file descriptor 2
+    filtered out, so that a user error stays one line on stderr. Anything else printed there
+    meanwhile is passed through. Does nothing once TensorFlow is imported."""
+    if "tensorflow" in sys.modules:
+        return
     import tempfile
 
     def start() -> None:
         import tensorflow as tf
-        import tensorflow_model_optimization  # noqa: F401  (sets TF_USE_LEGACY_KERAS=1 on import)
 
         tf.config.list_physical_devices()  # CUDA's probe prints here, not at import
 
@@ -63,9 +61,3 @@ def _start_quietly() -> None:
             if kept:
                 sys.stderr.write("".join(kept))
                 sys.stderr.flush()
-
-
-if "tensorflow_model_optimization" not in sys.modules:
-    _start_quietly()
-import tensorflow  # noqa: E402,F401
-import tensorflow_model_optimization  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS=1 on import)

@@ -102,3 +102,26 @@ def test_the_walk_sees_the_packages():
     assert {"pocketflow.runner", "hpo.search", "learners.channel_pruning.graph", "nets.base"} <= set(GRAPH)
     assert "hpo.search" in GRAPH["pocketflow.runner"]  # an import inside a function counts
     assert "learners.channel_pruning.tf_ops" in GRAPH["learners.channel_pruning.graph"]
+
+
+def test_config_and_help_do_not_start_tensorflow():
+    """Reading a configuration or printing --help must not pay TensorFlow's start (seconds), and
+    importing pocketflow sets tf.keras to Keras 2 before TensorFlow is imported, whatever the
+    launching environment said (a `from tensorflow.keras import ...` included)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; import pocketflow.config, pocketflow.cli; "
+             "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; "
+             "import tensorflow as tf; from tensorflow.keras import layers; "
+             "assert layers.Dense.__module__.startswith('tf_keras'), layers.Dense.__module__; "
+             "assert tf.keras.Model.__module__.startswith('tf_keras'), tf.keras.Model.__module__")
+    root = Path(__file__).resolve().parent.parent
+    environment = {"PATH": "/usr/bin:/bin", "TF_USE_LEGACY_KERAS": "0"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = subprocess.run([sys.executable, "-X", "importtime", "main.py", "--help"], cwd=root, env=environment,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "--target-speedup" in shown.stdout
+    assert "tensorflow" not in {line.split("|")[-1].strip().split(".")[0] for line in shown.stderr.splitlines()}

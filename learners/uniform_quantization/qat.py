@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from pocketflow.export import load_interpreter
 
-import tensorflow_model_optimization as tfmot  # noqa: E402  (pocketflow.keras_setup imported it first)
+import tensorflow_model_optimization as tfmot  # noqa: E402  (tf.keras is tf_keras: pocketflow.keras_setup)
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_registry as registry_module)
 
