@@ -277,11 +277,44 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).splitlines()) or type(error).__name__
 
 
+def _learner_help(argv: List[str]) -> Optional[str]:
+    """``--learner NAME --help``: the learner's own keys, with defaults and meanings, from its
+    config class (the text of its section in configs/template.yaml); None without both flags."""
+    if not any(arg in ("-h", "--help") for arg in argv):
+        return None
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--learner")
+    learner = peek.parse_known_args(argv)[0].learner
+    if not learner:
+        return None
+    from pocketflow import keras_setup
+
+    keras_setup.start_quietly()
+    from learners import LEARNERS
+    from pocketflow.config_template import learner_section
+
+    section = "\n".join(learner_section(learner, LEARNERS.get(learner).Config))
+    return (f"\nOptions of --learner {learner}: give them as --set {learner}.KEY=VALUE, or in a '{learner}:' "
+            f"section of a --config file (configs/template.yaml lists every section):\n\n{section}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        learner_help = _learner_help(argv)
+    except Exception as error:  # an unknown learner: the same one line as without --help
+        from pocketflow.errors import UserError
+
+        if not isinstance(error, UserError):
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0), or a bad flag (2; its one line is printed)
+        if stop.code == 0 and learner_help:
+            print(learner_help)
         return stop.code if isinstance(stop.code, int) else 2
     _configure_logging(args.quiet)
     from pocketflow import keras_setup

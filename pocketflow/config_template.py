@@ -88,9 +88,14 @@ def render(learner_configs: Dict[str, type]) -> str:
             comment = _field_comments(RunConfig).get(field.name, "")
             lines.append(f"{field.name}: {_scalar(value)}" + (f"  # {comment}" if comment else ""))
     for name, cls in sorted(learner_configs.items()):
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else f"options of --learner {name}"
-        lines += ["", f"# --learner {name}: {doc}", f"{name}:"] + _section_lines(cls, "  ")
+        lines += [""] + learner_section(name, cls)
     return "\n".join(lines) + "\n"
+
+
+def learner_section(name: str, cls: type) -> List[str]:
+    """A learner's section as the template writes it (``main.py --learner NAME --help`` prints it)."""
+    doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else f"options of --learner {name}"
+    return [f"# --learner {name}: {doc}", f"{name}:"] + _section_lines(cls, "  ")
 
 
 def learner_configs() -> Dict[str, type]:

@@ -34,6 +34,24 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
+def test_learner_help_lists_every_key_of_its_section(capsys):
+    """`--learner NAME --help` shows every field of the learner's config class, with its default."""
+    import dataclasses
+
+    from learners import LEARNERS
+
+    for name in LEARNERS.names():
+        assert main(["--learner", name, "--help"]) == 0
+        shown = capsys.readouterr().out
+        assert f"Options of --learner {name}" in shown and f"\n{name}:" in shown
+        section = shown.split(f"\n{name}:", 1)[1].splitlines()
+        for field in dataclasses.fields(LEARNERS.get(name).Config):
+            if field.init:
+                assert any(line.startswith(f"  {field.name}:") for line in section), (name, field.name)
+    assert main(["--learner", "chanel", "--help"]) == 2
+    assert "unknown learner 'chanel'" in capsys.readouterr().err
+
+
 def test_user_error_in_a_subprocess_is_one_line_without_traceback(tmp_path):
     result = run_main("--learner", "nope", "--output-dir", str(tmp_path / "r"))
     assert result.returncode == 2
