@@ -233,7 +233,7 @@ class RunConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "learners":
-                out.update({k: dict(v) for k, v in value.items()})
+                out.update({k: _plain(dict(v)) for k, v in value.items()})
             elif dataclasses.is_dataclass(value):
                 out[f.name] = _plain(dataclasses.asdict(value))
             else:

@@ -284,6 +284,8 @@ class Runner:
                  dataset.num_classes)
         net: Optional[NetSpec] = NETS.get(config.net) if config.net else None
         schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
+        if distributed.is_chief:  # what runs, every value resolved: --config config.yaml repeats it
+            write_atomic(self.output_dir / "config.yaml", self._resolved(schedule).to_yaml().encode())
 
         if config.model:
             baseline_model, source = load_baseline(config.model, dataset, config.trust_model), f"file:{config.model}"
@@ -404,6 +406,18 @@ class Runner:
 
         return run_search(learner, baseline_model, self.config, self.output_dir, resume=self.resume,
                           distributed=self.distributed)
+
+    def _resolved(self, schedule: TrainSchedule) -> RunConfig:
+        """The configuration with the values this run uses in place of 'the net's default': the
+        training schedule, the fine-tuning epochs, and the learner's own section with every key."""
+        train = dataclasses.replace(
+            self.config.train, epochs=schedule.epochs, finetune_epochs=self._finetune_epochs(schedule),
+            batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, schedule=schedule.schedule,
+            optimizer=schedule.optimizer, weight_decay=schedule.weight_decay)
+        given = {field.name for field in dataclasses.fields(self.options) if field.init}
+        options = {name: value for name, value in dataclasses.asdict(self.options).items() if name in given}
+        learners = {**self.config.learners, self.config.learner: options}
+        return dataclasses.replace(self.config, train=train, learners=learners)
 
     def _finetune_epochs(self, schedule: TrainSchedule) -> float:
         if self.config.train.finetune_epochs is not None:

@@ -56,7 +56,7 @@ def resolve_schedule(net_schedule: Schedule, train: TrainConfig, data: DataConfi
         return default if user_value is None else user_value
 
     return TrainSchedule(
-        epochs=pick(train.epochs, net_schedule.epochs),
+        epochs=float(pick(train.epochs, net_schedule.epochs)),  # 30 and 30.0 are one schedule (and cache key)
         batch_size=pick(train.batch_size, net_schedule.batch_size),
         learning_rate=pick(train.learning_rate, net_schedule.learning_rate),
         schedule=pick(train.schedule, net_schedule.schedule),

@@ -4,6 +4,7 @@ impossible target, and kill -9 during the search followed by --resume."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import time
 
 import pytest
 import tensorflow as tf
+import yaml
 
+from learners.channel_pruning.learner import ChannelConfig
 from tests.conftest import ROOT
 from tests.loading import check_load_line
 from tests.verify_run import assert_report_matches_files
@@ -53,6 +56,11 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
     assert "trial  19  [20/20]" in result.stderr  # one progress line per trial
     search = report["search"]
     assert search["best_validation_accuracy"] >= search["reference_validation_accuracy"]
+    # config.yaml records what ran, every value resolved, so that --config repeats the run.
+    ran = yaml.safe_load((out / "config.yaml").read_text())
+    assert all(ran["train"][key] is not None for key in ("epochs", "finetune_epochs", "batch_size",
+                                                         "learning_rate", "schedule", "optimizer", "weight_decay"))
+    assert set(ran["channel"]) == {field.name for field in dataclasses.fields(ChannelConfig) if field.init}
 
 
 def test_impossible_target_exits_3_with_a_report(tmp_path):

@@ -136,6 +136,9 @@ def test_config_yaml_repeats_the_run(tmp_path, capsys):
     b = json.loads((second / "report.json").read_text())
     assert a["baseline"]["accuracy"] == b["baseline"]["accuracy"]
     assert a["baseline"]["macs"] == b["baseline"]["macs"]
+    # Every value that ran is written (the net's schedule filled in), and reading it back changes none.
+    assert (first / "config.yaml").read_text().replace(str(first), str(second)) == (second / "config.yaml").read_text()
+    assert "null" not in (first / "config.yaml").read_text().split("\ntrain:", 1)[1].split("\ntarget:", 1)[0]
 
 
 def test_quantized_exports_are_measured(tmp_path, capsys):
