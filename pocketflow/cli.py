@@ -250,20 +250,32 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _summary(report: Dict[str, Any]) -> List[str]:
+    """The last lines of a run: the baseline, the result, and the file to deploy with its figures."""
+    from pocketflow.report import shipped_file
+
     baseline, best = report.get("baseline") or {}, report.get("best") or {}
-    out = [f"run directory: {os.path.dirname(report['config_path'])}"]
+    run_directory = os.path.dirname(report["config_path"])
+    out = [f"run directory: {run_directory}"]
     if baseline:
-        out.append(f"baseline: accuracy {baseline['accuracy']:.4f}, {baseline['macs']:,} MACs, "
+        out.append(f"baseline: test accuracy {100 * baseline['accuracy']:.2f}%, {baseline['macs']:,} MACs, "
                    f"{baseline['params']:,} params")
     if best:
-        line = f"result:   accuracy {best['accuracy']:.4f}, {best['macs']:,} MACs"
+        line = f"result:   test accuracy {100 * best['accuracy']:.2f}%, {best['macs']:,} MACs"
         if best.get("speedup"):
-            line += f", speedup {best['speedup']:.2f}x"
-        if best.get("compression"):
-            line += f", compression {best['compression']:.2f}x"
+            line += f" ({best['speedup']:.2f}x fewer)"
         if best.get("tflite_latency_ms"):
             line += f", TFLite {best['tflite_latency_ms']:.3f} ms"
+            if best.get("latency_speedup"):
+                line += f" ({best['latency_speedup']:.2f}x faster)"
         out.append(line)
+        shipped = shipped_file(best)
+        if shipped["path"]:
+            details = [f"{shipped['bytes'] / 1024:.1f} KB"] if shipped["bytes"] else []
+            if best.get("compression"):
+                details.append(f"{best['compression']:.2f}x smaller than the baseline's")
+            if shipped["accuracy"] is not None:
+                details.append(f"test accuracy {100 * shipped['accuracy']:.2f}% measured on this file")
+            out.append(f"ship:     {os.path.join(run_directory, shipped['path'])} ({'; '.join(details)})")
     pareto = report.get("pareto") or {}
     if pareto:
         chosen = (pareto.get("pick") or {}).get("trial")

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from pocketflow.benchmarks.scenarios import ORDER, Scenario
 from pocketflow.export import write_atomic
+from pocketflow.report import shipped_file
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,10 @@ def command_for(scenario: Scenario, shared: str, output_dir: Path, extra: Sequen
             "--output-dir", str(output_dir), "--resume"]
 
 
-def _shipped_accuracy(best: Dict[str, Any]) -> Optional[float]:
-    """The measured accuracy of the file that ships (sparse container, int8 file, or float TFLite)."""
-    for key in ("artifact_accuracy", "tflite_accuracy", "accuracy"):
-        if best.get(key) is not None:
-            return float(best[key])
-    return None
-
-
 def row_from_report(report: Dict[str, Any]) -> Dict[str, Any]:
     baseline, best = report.get("baseline") or {}, report.get("best") or {}
     return {
-        "baseline_accuracy": baseline.get("accuracy"), "accuracy": _shipped_accuracy(best),
+        "baseline_accuracy": baseline.get("accuracy"), "accuracy": shipped_file(best)["accuracy"],
         "mac_speedup": best.get("speedup"), "latency_speedup": best.get("latency_speedup"),
         "compression": best.get("compression"), "shipped_format": best.get("shipped_format"),
         "artifact_bytes": best.get("artifact_bytes", best.get("bytes")), "status": report.get("status"),

@@ -54,6 +54,10 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
     assert len(rows) == 20 and all(row["state"] == "COMPLETE" for row in rows)
     assert (out / "search_history.png").exists() and (out / "accuracy_vs_speedup.png").exists()
     assert "trial  19  [20/20]" in result.stderr  # one progress line per trial
+    # The last line names the file to deploy, with its size and the accuracy measured on it.
+    ship = result.stdout.strip().splitlines()[-1]
+    assert ship.startswith(f"ship:     {out / 'model.tflite'} ({best['bytes'] / 1024:.1f} KB"), ship
+    assert f"test accuracy {100 * best['tflite_accuracy']:.2f}% measured on this file" in ship
     search = report["search"]
     assert search["best_validation_accuracy"] >= search["reference_validation_accuracy"]
     # config.yaml records what ran, every value resolved, so that --config repeats the run.
