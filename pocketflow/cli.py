@@ -260,18 +260,17 @@ def _summary(report: Dict[str, Any]) -> List[str]:
         out.append(f"baseline: test accuracy {100 * baseline['accuracy']:.2f}%, {baseline['macs']:,} MACs, "
                    f"{baseline['params']:,} params")
     if best:
-        line = f"result:   test accuracy {100 * best['accuracy']:.2f}%, {best['macs']:,} MACs"
-        if best.get("speedup"):
-            line += f" ({best['speedup']:.2f}x fewer)"
+        def ratio(key: str, text: str) -> str:  # nothing for the baseline itself (full-prec)
+            return f" ({best[key]:.2f}x {text})" if best.get(key) and f"{best[key]:.2f}" != "1.00" else ""
+
+        line = f"result:   test accuracy {100 * best['accuracy']:.2f}%, {best['macs']:,} MACs" + ratio("speedup", "fewer")
         if best.get("tflite_latency_ms"):
-            line += f", TFLite {best['tflite_latency_ms']:.3f} ms"
-            if best.get("latency_speedup"):
-                line += f" ({best['latency_speedup']:.2f}x faster)"
+            line += f", TFLite {best['tflite_latency_ms']:.3f} ms" + ratio("latency_speedup", "faster")
         out.append(line)
         shipped = shipped_file(best)
         if shipped["path"]:
             details = [f"{shipped['bytes'] / 1024:.1f} KB"] if shipped["bytes"] else []
-            if best.get("compression"):
+            if best.get("compression") and f"{best['compression']:.2f}" != "1.00":
                 details.append(f"{best['compression']:.2f}x smaller than the baseline's")
             if shipped["accuracy"] is not None:
                 details.append(f"test accuracy {100 * shipped['accuracy']:.2f}% measured on this file")

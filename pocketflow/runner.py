@@ -110,8 +110,16 @@ class Runner:
         check_distillation(learner_class, config)  # what the user asked for (auto is never an error)
         config = resolve_enabled(learner_class, config)
         check_pareto(learner_class, config)
+        ignored = []
         for name, section in config.learners.items():  # catch typos in every learner section
-            LEARNERS.get(name).parse_options(section, "the configuration")
+            options = LEARNERS.get(name).parse_options(section, "the configuration")
+            if name != config.learner:  # another learner's section: only its defaults may be there
+                defaults = LEARNERS.get(name).Config()
+                ignored += [f"{name}.{field.name}" for field in dataclasses.fields(options)
+                            if field.init and getattr(options, field.name) != getattr(defaults, field.name)]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} would be ignored: --learner {config.learner} reads only the "
+                              f"'{config.learner}' section (remove those settings, or use the learner they are for)")
         self.options = learner_class.parse_options(config.learner_section(config.learner), "the configuration")
         self.learner_class = learner_class.strategy(self.options, config.target)  # e.g. uniform below 8 bits
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)

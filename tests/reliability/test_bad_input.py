@@ -111,6 +111,9 @@ FLAG_CASES = {
     "negative-learning-rate": (["--learning-rate", "-0.1"], ["train.learning_rate = -0.1 is out of range"]),
     "negative-epochs": (["--epochs", "-1"], ["train.epochs = -1.0 is out of range"]),
     "zero-std": (["--set", "data.std=[0, 1, 1]"], ["data.std", "every entry must be > 0"]),
+    # Another learner's settings are not silently ignored (a whole template at its defaults is fine).
+    "other-learners-setting": (["--learner", "uniform", "--set", "channel.criterion=l1"],
+                               ["channel.criterion would be ignored", "--learner uniform reads only the 'uniform'"]),
     "channel-min-ratio": (["--learner", "channel", "--target-speedup", "2", "--set", "channel.min_ratio=0"],
                           ["channel.min_ratio = 0"]),
     # wrong types and malformed flags
