@@ -110,6 +110,10 @@ class Runner:
         check_distillation(learner_class, config)  # what the user asked for (auto is never an error)
         config = resolve_enabled(learner_class, config)
         check_pareto(learner_class, config)
+        if learner_class.targets and not config.target.requested() and config.hpo.objective != "pareto":
+            flags = " or ".join(f"--target-{kind}" for kind in learner_class.targets)
+            log.warning("no target given: the search keeps the most accurate candidate at whatever %s it "
+                        "reaches; name one with %s", " / ".join(learner_class.targets), flags)
         ignored = []
         for name, section in config.learners.items():  # catch typos in every learner section
             options = LEARNERS.get(name).parse_options(section, "the configuration")

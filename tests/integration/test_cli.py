@@ -52,6 +52,13 @@ def test_learner_help_lists_every_key_of_its_section(capsys):
     assert "unknown learner 'chanel'" in capsys.readouterr().err
 
 
+def test_a_search_without_a_target_says_so(tmp_path, capsys):
+    assert main(["--learner", "channel", "--trials", "1", "--finetune-epochs", "0", "--export", "none",
+                 "--output-dir", str(tmp_path / "run"), "-q"]) == 0
+    warned = capsys.readouterr().err
+    assert "no target given" in warned and "name one with --target-speedup" in warned
+
+
 def test_user_error_in_a_subprocess_is_one_line_without_traceback(tmp_path):
     result = run_main("--learner", "nope", "--output-dir", str(tmp_path / "r"))
     assert result.returncode == 2
