@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -96,6 +97,10 @@ class Search:
             subject = self.config.net or Path(self.config.model).stem
             claim_study(study, {"learner": self.config.learner, "model": subject, "target": self.requested,
                                 "objective": hpo.objective})
+            # Named objectives: optuna-dashboard shows "validation_accuracy", not "Objective 0".
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2; nothing a user can act on
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(["validation_accuracy"] + ([self.cost_key] if self.cost_key else []))
             if self.resume or hpo.storage is not None:
                 recover_dead_trials(study)
             self.study = study

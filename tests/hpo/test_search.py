@@ -95,6 +95,9 @@ def test_search_runs_the_budget_and_keeps_only_feasible_winners(tmp_path, settin
     assert (tmp_path / "search_history.png").stat().st_size > 1000
     assert (tmp_path / "accuracy_vs_speedup.png").stat().st_size > 1000
     assert outcome.details["reference_validation_accuracy"] is not None
+    stored = optuna.load_study(study_name=outcome.details["study_name"],
+                               storage=default_storage_url(tmp_path))
+    assert stored.metric_names == ["validation_accuracy"]  # what optuna-dashboard labels the objective
     seconds = [float(row["seconds"]) for row in rows if row["state"] == "COMPLETE"]  # rounded to 0.01 s
     assert outcome.details["median_trial_seconds"] == pytest.approx(statistics.median(seconds), abs=0.02)
 
