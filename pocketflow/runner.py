@@ -110,10 +110,6 @@ class Runner:
         check_distillation(learner_class, config)  # what the user asked for (auto is never an error)
         config = resolve_enabled(learner_class, config)
         check_pareto(learner_class, config)
-        if learner_class.targets and not config.target.requested() and config.hpo.objective != "pareto":
-            flags = " or ".join(f"--target-{kind}" for kind in learner_class.targets)
-            log.warning("no target given: the search keeps the most accurate candidate at whatever %s it "
-                        "reaches; name one with %s", " / ".join(learner_class.targets), flags)
         ignored = []
         for name, section in config.learners.items():  # catch typos in every learner section
             options = LEARNERS.get(name).parse_options(section, "the configuration")
@@ -298,6 +294,11 @@ class Runner:
         schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
         if distributed.is_chief:  # what runs, every value resolved: --config config.yaml repeats it
             write_atomic(self.output_dir / "config.yaml", self._resolved(schedule).to_yaml().encode())
+            targets = self.learner_class.targets
+            if targets and not config.target.requested() and config.hpo.objective != "pareto":
+                log.warning("no target given: the search keeps the most accurate candidate at whatever %s it "
+                            "reaches; name one with %s", " / ".join(targets),
+                            " or ".join(f"--target-{kind}" for kind in targets))
 
         if config.model:
             baseline_model, source = load_baseline(config.model, dataset, config.trust_model), f"file:{config.model}"
