@@ -311,14 +311,12 @@ def _learner_help(argv: List[str]) -> Optional[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pocketflow.errors import UserError  # no TensorFlow behind it
+
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         learner_help = _learner_help(argv)
-    except Exception as error:  # an unknown learner: the same one line as without --help
-        from pocketflow.errors import UserError
-
-        if not isinstance(error, UserError):
-            raise
+    except UserError as error:  # an unknown learner: the same one line as without --help
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return error.exit_code
     try:
@@ -331,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pocketflow import keras_setup
 
     keras_setup.start_quietly()  # before the first module that imports TensorFlow
-    from pocketflow.errors import TargetNotMetError, UserError
+    from pocketflow.errors import TargetNotMetError
     from pocketflow.training import DivergenceError
 
     try:

@@ -232,8 +232,8 @@ def lasso_keep(gram: np.ndarray, count: int) -> np.ndarray:
     products = design.T @ response
     alpha_max = float(np.max(np.abs(products))) / channels  # all coefficients zero from here up
     alphas = np.geomspace(alpha_max, alpha_max * 1e-4, 200)
-    # check_input=False skips scikit-learn's validation of every array at every alpha (5-8x the
-    # path's own time here); the arrays are given in the layouts it expects, and the path is the same.
+    # check_input=False skips scikit-learn's validation of every array at every alpha, which took
+    # longer than the path itself; the arrays are given in the layouts it expects, and the path is the same.
     alphas, coefs, _ = lasso_path(np.asfortranarray(design), response, alphas=alphas, max_iter=5000,
                                   precompute=np.ascontiguousarray(design.T @ design), Xy=products,
                                   check_input=False)
