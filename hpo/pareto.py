@@ -248,17 +248,18 @@ def finish_front(config: Any, distributed: Any, output_dir: Path, measure: Calla
                      member["number"])
         number = member["number"]
         hparams = learner.search_space(optuna.trial.FixedTrial(member["params"]))
-        candidate = learner.compress(baseline_model, hparams)
+        candidate = learner.compress(hparams)
         teacher = make_distiller(config.distillation, baseline_model,
                                  member["hyperparameters"].get("distillation"))
         if finetune_epochs > 0:
             log.info("Pareto model from trial %d: fine-tuning for %s epochs%s", number, finetune_epochs,
                      f" ({teacher})" if teacher else "")
             candidate = learner.finetune(candidate, finetune_epochs, teacher=teacher)
-        model = learner.finalize(candidate)
+        candidate = learner.finalize(candidate)
+        model = candidate.model
         if not distributed.is_chief:
             continue
-        fields = measure(learner, model, dataset, baseline,
+        fields = measure(learner, candidate, dataset, baseline,
                          dataclasses.replace(outcome, hyperparameters=member["hyperparameters"]),
                          directory=Path(output_dir) / "pareto" / f"trial_{number}")
         validation_accuracy, validation_loss = validation_scores(model, dataset)

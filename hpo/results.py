@@ -26,7 +26,7 @@ METRIC_COLUMNS = ("macs", "speedup", "compression", "sparsity", "bits")
 class SearchOutcome:
     """What the optimizer hands the runner: the best candidate that met the target, or why there is none."""
 
-    candidate: Optional[Any]  # a Keras model
+    candidate: Optional[Any]  # a learners.base.Candidate
     hyperparameters: Dict[str, Any]
     trials: Dict[str, int]
     reason: Optional[str] = None

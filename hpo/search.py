@@ -149,7 +149,7 @@ class Search:
 
     def _evaluate(self, params: Dict[str, Any]) -> Tuple[float, Dict[str, float]]:
         hparams = self.learner.search_space(optuna.trial.FixedTrial(params))
-        candidate = self.learner.compress(self.baseline, hparams)  # every rank: its training is collective
+        candidate = self.learner.compress(hparams)  # every rank: its training is collective
         if self.distiller is not None:  # searched T/alpha: measured by a short fine-tuning distilled with them
             chosen = suggest(optuna.trial.FixedTrial(params), self.distillation)
             candidate = self.learner.finetune(candidate, self.distillation.search_epochs,
@@ -157,7 +157,7 @@ class Search:
         if not self.distributed.is_chief:
             return math.nan, {}  # only rank 0 scores and records
         achieved = self.learner.candidate_metrics(candidate)
-        score = accuracy(candidate, self.learner.context.dataset.validation(256))
+        score = accuracy(candidate.model, self.learner.context.dataset.validation(256))
         del candidate
         return score, achieved
 
@@ -189,7 +189,7 @@ class Search:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> SearchOutcome:
-        reachable = self.learner.reachable(self.baseline)
+        reachable = self.learner.reachable()
         unreachable = {k: v for k, v in self.requested.items() if k in reachable and not meets({k: v}, reachable)}
         if unreachable:
             hint = self.learner.unreachable_hint()
@@ -333,7 +333,7 @@ class Search:
         log.info("best trial #%d: validation accuracy %.4f; rebuilding it", decision["number"],
                  details.get("best_validation_accuracy", float("nan")))
         hparams = self.learner.search_space(optuna.trial.FixedTrial(decision["params"]))
-        candidate = self.learner.compress(self.baseline, hparams)
+        candidate = self.learner.compress(hparams)
         details["best_trial"] = decision["number"]
         return SearchOutcome(candidate, decision["hyperparameters"], state, None, details)
 

@@ -1,15 +1,30 @@
 """The Learner interface every compression algorithm implements, and the learner registry.
 
-The runner drives a learner through: ``search_space(trial)`` (the optimizer proposes
-hyperparameters) -> ``compress(baseline, hparams)`` (a candidate, no long training) ->
-cheap evaluation and target check -> for the best candidate ``finetune`` -> ``finalize``
-(strip wrappers and masks) -> export. Constructors do no I/O and no training.
+The lifecycle, in the order the runner (and the search in ``hpo/``) calls it; a call out of
+order raises instead of returning something plausible:
+
+1. ``Learner(options, context)``: no I/O, no training.
+2. ``prepare(baseline)``: once per run, before anything below. The learner analyses the baseline
+   here (prunable groups, quantizable kernels, size models); the baseline is never modified.
+3. ``reachable()``: the most each target quantity can reach, so an impossible target stops early.
+4. Per trial: ``search_space(trial)`` -> hyperparameters (``reference_params`` is enqueued first);
+   ``compress(hparams)`` -> a ``Candidate``; ``candidate_metrics(candidate)`` -> target quantities.
+   The search scores ``candidate.model`` on validation data.
+5. For the winner: ``finetune(candidate, epochs, teacher)`` -> ``Candidate``; ``finalize(candidate)``
+   -> a ``Candidate`` whose model is plain Keras (no wrappers, no masks) to save and export;
+   ``describe(candidate)`` and ``write_artifacts(candidate, directory)`` for the report and the
+   shipped file.
+
+A ``Candidate`` carries the learner's private state for its model (masks, codebooks, the QAT
+model), so nothing is keyed by model identity. Learners that reuse one working copy to save
+memory (weight-sparse, the codebook learners) make a candidate stale when the next ``compress``
+runs; a stale candidate raises, it is never silently mixed with another one's state.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Tuple
 
@@ -55,6 +70,18 @@ class LearnerContext:
                                   representative=representative, threads=self.threads, runs=self.latency_runs)
 
 
+@dataclass
+class Candidate:
+    """A compressed model and what its learner needs to finish it; only that learner reads ``state``."""
+
+    model: tf.keras.Model
+    hparams: Any = None
+    state: Any = None
+
+    def with_model(self, model: tf.keras.Model) -> "Candidate":
+        return replace(self, model=model)
+
+
 class Learner(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # frozen dataclass of this learner's hyperparameters
@@ -70,6 +97,7 @@ class Learner(abc.ABC):
     def __init__(self, options: Any, context: LearnerContext) -> None:
         self.options = options
         self.context = context
+        self._baseline: Optional[tf.keras.Model] = None
 
     @classmethod
     def parse_options(cls, section: Mapping[str, Any], source: str) -> Any:
@@ -91,13 +119,30 @@ class Learner(abc.ABC):
         below 8 bits. Default: itself."""
         return cls
 
+    # ------------------------------------------------------------------ 2-3: once per run
+    def prepare(self, baseline: tf.keras.Model) -> None:
+        """Analyse ``baseline`` (never modified); every later step works from it. Subclasses extend
+        this and call ``super().prepare(baseline)``; calling it again with the same model is free."""
+        self._baseline = baseline
+
+    @property
+    def baseline(self) -> tf.keras.Model:
+        if self._baseline is None:
+            raise RuntimeError(f"learner '{self.name}': call prepare(baseline) before the other steps")
+        return self._baseline
+
+    def reachable(self) -> Dict[str, float]:
+        """The most each target quantity can reach (to stop early on an impossible target); {} if unknown."""
+        return {}
+
+    def unreachable_hint(self) -> str:
+        """What the user can change when ``reachable`` falls short of the target ('' if nothing but the target)."""
+        return ""
+
+    # ------------------------------------------------------------------ 4: per trial
     def search_space(self, trial: Any) -> Any:
         """Hyperparameters for one trial; fixed values in the options pass through."""
         return self.options
-
-    @abc.abstractmethod
-    def compress(self, model: tf.keras.Model, hparams: Any) -> tf.keras.Model:
-        """A compressed candidate built from ``model`` (which must not be modified)."""
 
     def reference_params(self) -> Dict[str, Any]:
         """Parameters of a reference trial run first (e.g. uniform ratios), so the search is never worse."""
@@ -107,35 +152,31 @@ class Learner(abc.ABC):
         """How many distinct candidates the search space holds, when that is small (None: many)."""
         return None
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        """The most each target quantity can reach (to stop early on an impossible target); {} if unknown."""
-        return {}
+    @abc.abstractmethod
+    def compress(self, hparams: Any) -> Candidate:
+        """A compressed candidate built from the prepared baseline (which must not be modified)."""
 
-    def unreachable_hint(self) -> str:
-        """What the user can change when ``reachable`` falls short of the target ('' if nothing but the target)."""
-        return ""
-
-    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         """Target quantities of a candidate; the default measures MACs and the MAC speedup."""
-        macs = count_macs(model)
+        macs = count_macs(candidate.model)
         return {"macs": float(macs), "speedup": self.context.baseline_macs / macs if macs else float("inf")}
 
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional["Distiller"] = None) -> tf.keras.Model:
-        """Train the candidate ``compress`` returned for ``epochs``. With a ``teacher`` (a
-        ``learners.distillation.Distiller``), pass ``loss_function=distillation_loss(teacher, model)``
-        to ``train`` so the fine-tuning is distilled from the baseline."""
-        return model
+    # ------------------------------------------------------------------ 5: the winner
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional["Distiller"] = None) -> Candidate:
+        """Train the candidate for ``epochs``. With a ``teacher`` (a ``learners.distillation.Distiller``),
+        pass ``loss_function=distillation_loss(teacher, model)`` to ``train`` so the fine-tuning is
+        distilled from the baseline."""
+        return candidate
 
-    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
-        """The plain Keras model to save and export (no wrappers, no masks)."""
-        return model
+    def finalize(self, candidate: Candidate) -> Candidate:
+        """The candidate whose model is plain Keras, to save and export (no wrappers, no masks)."""
+        return candidate
 
-    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+    def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         """Write the shipped file when it is not the TFLite file; report fields to add to ``best``."""
         return {}
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
         """Learner-specific facts about a candidate for the report (e.g. per-layer channels).
 
         They go into report.json's ``best``. A ``report_sections`` entry, a list of

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import tensorflow as tf
 
-from learners.base import Learner, register_learner
+from learners.base import Candidate, Learner, register_learner
 
 
 @dataclass(frozen=True)
@@ -22,5 +21,5 @@ class FullPrecisionLearner(Learner):
     targets = ()
     searches = False
 
-    def compress(self, model: tf.keras.Model, hparams: Any) -> tf.keras.Model:
-        return model
+    def compress(self, hparams: Any) -> Candidate:
+        return Candidate(self.baseline, hparams)

@@ -32,7 +32,7 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from hpo.samplers import make_sampler  # noqa: E402
 from learners import LEARNERS  # noqa: E402
-from learners.base import LearnerContext  # noqa: E402
+from learners.base import Candidate, LearnerContext  # noqa: E402
 from learners.distillation import Distiller  # noqa: E402
 from pocketflow.training import recalibrate_batchnorm  # noqa: E402
 from pocketflow.benchmarks.peers import load_run  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> int:
     context = LearnerContext(dataset=run.dataset, schedule=run.schedule, target=config.target,
                              distributed=SingleProcess(), seed=config.seed, baseline_macs=count_macs(run.baseline))
     learner = learner_class(options, context)
-    learner.analysis(run.baseline)
+    learner.prepare(run.baseline)
     batch_counts = [int(text) for text in args.recalibrate.split(",") if text]
     teacher = Distiller(run.baseline, temperature=config.distillation.temperature, alpha=config.distillation.alpha)
     study = optuna.create_study(direction="maximize", sampler=make_sampler(config.hpo.sampler, config.seed))
@@ -72,7 +72,7 @@ def main() -> int:
         trial = study.ask()
         hparams = learner.search_space(trial)
         started = time.time()
-        candidate = learner.compress(run.baseline, hparams)
+        candidate = learner.compress(hparams).model
         row = {"candidate": index, "keep_counts": dict(hparams.keep_counts),
                "speedup": context.baseline_macs / count_macs(candidate), "compress_seconds": time.time() - started}
         row["plain"] = accuracy(candidate, validation)
@@ -85,7 +85,7 @@ def main() -> int:
             row[f"batchnorm_{batches}_seconds"] = time.time() - started
             candidate.set_weights(weights)
         started = time.time()
-        learner.finetune(candidate, args.finetune_epochs, teacher=teacher)
+        learner.finetune(Candidate(candidate, hparams), args.finetune_epochs, teacher=teacher)
         row["finetune_seconds"] = time.time() - started
         row["validation_after"] = accuracy(candidate, validation)
         row["test_after"] = accuracy(candidate, run.dataset.test(256))

@@ -57,3 +57,18 @@ def assert_report_matches_files(run_dir: Path) -> dict:
         if report["status"] == "completed":
             assert entry["met"] in (True, None), (kind, entry)
     return report
+
+
+def assert_search_summary_matches_trials(run_dir: Path) -> None:
+    """report.json's search summary re-derived from trials.csv: the reference trial ran first and the
+    best accuracy is the best feasible trial's (not "best >= reference", which holds by construction)."""
+    import csv
+
+    search = json.loads((run_dir / "report.json").read_text())["search"]
+    rows = list(csv.DictReader(open(run_dir / "trials.csv")))
+    assert rows[0]["reference"] == "True" and not any(row["reference"] == "True" for row in rows[1:])
+    assert search["reference_validation_accuracy"] == pytest.approx(float(rows[0]["validation_accuracy"]))
+    feasible = [float(row["validation_accuracy"]) for row in rows
+                if row["state"] == "COMPLETE" and row["feasible"] == "True"]
+    assert search["feasible_trials"] == len(feasible)
+    assert search["best_validation_accuracy"] == pytest.approx(max(feasible))

@@ -16,7 +16,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from learners.base import Learner, register_learner
+from learners.base import Candidate, Learner, register_learner
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.selection import BaselineCache, prune_model
 from learners.distillation import Distiller, distillation_loss
@@ -81,11 +81,15 @@ class ChannelPruningLearner(Learner):
         super().__init__(options, context)
         self._analysis: Optional[ChannelAnalysis] = None
         self._samples: Optional[np.ndarray] = None
-        self._last_candidate: Tuple[Optional[tf.keras.Model], Mapping[str, int]] = (None, {})
         self._baseline_cache = BaselineCache()  # the baseline's sampled statistics, shared by every candidate
 
     # ------------------------------------------------------------------ analysis
+    def prepare(self, baseline: tf.keras.Model) -> None:
+        super().prepare(baseline)
+        self.analysis(baseline)
+
     def analysis(self, model: tf.keras.Model) -> ChannelAnalysis:
+        """The channel analysis of ``model`` (computed once per model)."""
         if self._analysis is None or self._analysis.model is not model:
             self._analysis = analyze(model)
             self._baseline_cache = BaselineCache()
@@ -119,9 +123,9 @@ class ChannelPruningLearner(Learner):
         snapped = int(steps) * multiple
         return int(min(channels, max(min(multiple, channels), snapped)))
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        analysis = self.analysis(baseline)
-        floor = analysis.macs_for(self._floor_counts(baseline))
+    def reachable(self) -> Dict[str, float]:
+        analysis = self.analysis(self.baseline)
+        floor = analysis.macs_for(self._floor_counts(self.baseline))
         return {"speedup": analysis.total_macs / floor}
 
     def unreachable_hint(self) -> str:
@@ -141,9 +145,7 @@ class ChannelPruningLearner(Learner):
         return ChannelHyperparameters(criterion=criterion, keep_counts=self._propose(trial))
 
     def _propose(self, trial: Any) -> Dict[str, int]:
-        if self._analysis is None:
-            raise RuntimeError("analysis(baseline) must run before search_space")
-        groups = self._groups(self._analysis.model)
+        groups = self._groups(self.baseline)
         if self.options.mode == "uniform":
             raw = {name: 1.0 for name in groups}
         else:
@@ -152,9 +154,9 @@ class ChannelPruningLearner(Learner):
 
     def reference_params(self) -> Dict[str, Any]:
         """Uniform ratios: after projection every group keeps the same fraction (the baseline to beat)."""
-        if self.options.mode == "uniform" or self._analysis is None:
+        if self.options.mode == "uniform":
             return {}
-        params: Dict[str, Any] = {f"keep_{name}": 0.5 for name in self._groups(self._analysis.model)}
+        params: Dict[str, Any] = {f"keep_{name}": 0.5 for name in self._groups(self.baseline)}
         if self.options.criterion == "search":
             params["criterion"] = "lasso"
         return params
@@ -171,7 +173,7 @@ class ChannelPruningLearner(Learner):
         MACs meet the target is found by bisection on exact MAC counts, then single channels
         are added greedily (cheapest first) while the speedup stays >= target.
         """
-        analysis = self._analysis
+        analysis = self.analysis(self.baseline)
         target = self.context.target.speedup
         channels = self._groups(analysis.model)
         floor = self._floor_counts(analysis.model)
@@ -225,7 +227,8 @@ class ChannelPruningLearner(Learner):
             self._samples = self.context.dataset.sample_train(self.options.sample_images, seed=self.context.seed)
         return self._samples
 
-    def compress(self, model: tf.keras.Model, hparams: ChannelHyperparameters) -> tf.keras.Model:
+    def compress(self, hparams: ChannelHyperparameters) -> Candidate:
+        model = self.baseline
         analysis = self.analysis(model)
         ratios = {name: count / analysis.groups[name].channels for name, count in hparams.keep_counts.items()}
         samples = self._sample_images() if hparams.criterion != "l1" else None
@@ -240,16 +243,15 @@ class ChannelPruningLearner(Learner):
             recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
             train(pruned, self.context.dataset, from_trained(recovery), distributed=self.context.distributed,
                   seed=self.context.seed, description="recovery")
-        self._last_candidate = (pruned, dict(hparams.keep_counts))
-        return pruned
+        return Candidate(pruned, hparams, state=dict(hparams.keep_counts))
 
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
+        model = candidate.model
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
               loss_function=distillation_loss(teacher, model), description="fine-tune")
         self._settle_batchnorm(model, schedule)
-        return model
+        return candidate
 
     def _settle_batchnorm(self, model: tf.keras.Model, schedule) -> None:
         """After a fine-tuning too short for BatchNorm's moving averages (momentum 0.99) to forget the
@@ -267,17 +269,17 @@ class ChannelPruningLearner(Learner):
             log.info("fine-tuning took %d steps (%.0f%% of BatchNorm's old statistics left): re-estimated them "
                      "from %d training batches", steps, 100 * left, done)
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
-        if self._analysis is None:
-            return {}
-        groups = self._analysis.groups
-        candidate, counts = self._last_candidate
-        if candidate is model:
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
+        analysis = self.analysis(self.baseline)
+        groups = analysis.groups
+        counts = candidate.state
+        if counts is not None:
             after = {name: counts.get(name, group.channels) for name, group in groups.items()}
         else:  # not built here: the widths of layers that are whole groups (a stream's bands: None)
-            widths = {layer.name: getattr(layer, "filters", getattr(layer, "units", None)) for layer in model.layers}
+            widths = {layer.name: getattr(layer, "filters", getattr(layer, "units", None))
+                      for layer in candidate.model.layers}
             after = {name: widths.get(name) for name in groups}
-        barriers = self._analysis.summary()["barriers"]
+        barriers = analysis.summary()["barriers"]
         sections = [{"title": "Barriers (layers the channel analysis does not see through; the channels feeding "
                               "them are kept)",
                      "lines": [f"`{b['layer']}` ({b['class']}): {b['reason']}" for b in barriers]}] if barriers else []

@@ -8,7 +8,6 @@ what the ``bits`` target measures (``bits_of``) and how a candidate is built (``
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
@@ -16,7 +15,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from learners.base import Learner
+from learners.base import Candidate, Learner
 from learners.distillation import Distiller, as_distiller, distillation_loss
 from learners.nonuniform_quantization.artifact import (QuantizedKernel, artifact_bytes, artifact_to_tflite,
                                                        kernel_bytes, load_artifact, packed_tensors, rest_variables,
@@ -56,9 +55,7 @@ class CodebookLearner(Learner):
 
     def __init__(self, options: Any, context) -> None:
         super().__init__(options, context)
-        self._baseline: Optional[tf.keras.Model] = None
         self._weights: List[PrunableWeight] = []
-        self._states: "weakref.WeakKeyDictionary[tf.keras.Model, CodebookState]" = weakref.WeakKeyDictionary()
         self._overheads: Dict[Any, int] = {}
         self._baseline_bytes: Optional[int] = None
 
@@ -74,7 +71,7 @@ class CodebookLearner(Learner):
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> List[PrunableWeight]:
         if self._baseline is not baseline:
-            self._baseline = baseline
+            super().prepare(baseline)
             self._weights = prunable_weights(baseline)
             if not self._weights:
                 raise ConfigError(f"the model has no Conv/Dense kernels; '{self.name}' has nothing to quantize")
@@ -86,15 +83,14 @@ class CodebookLearner(Learner):
     def total(self) -> int:
         return sum(w.size for w in self._weights)
 
-    def _prepare_targets(self, baseline: tf.keras.Model) -> None:
+    def _prepare_targets(self) -> None:
         """Called from ``reachable`` (on every rank): the baseline size is broadcast here once, so the
         chief alone can later measure candidates without a collective call."""
-        self.prepare(baseline)
+        self.prepare(self.baseline)
         self._baseline_float_bytes()
 
     def _require_prepared(self) -> None:
-        if self._baseline is None:
-            raise RuntimeError("prepare(baseline) (or reachable) must run before search_space")
+        self.prepare(self.baseline)  # raises when prepare(baseline) never ran
 
     # ------------------------------------------------------------------ per-layer geometry (subclasses)
     def layout(self, weight: PrunableWeight, hparams: Any) -> Layout:
@@ -151,17 +147,21 @@ class CodebookLearner(Learner):
         return self.overhead(layouts, signature) + sum(self.layer_cost(layouts[k], b) for k, b in bits.items())
 
     # ------------------------------------------------------------------ candidates
-    def _working_copy(self, model: tf.keras.Model) -> tf.keras.Model:
-        """A fresh copy of ``model`` for one candidate (the baseline is never modified)."""
+    def _working_copy(self) -> tf.keras.Model:
+        """A fresh copy of the baseline for one candidate (the baseline is never modified)."""
+        model = self.baseline
         self.prepare(model)
         work = tf.keras.models.clone_model(model)
         work.set_weights(model.get_weights())
         return work
 
-    def state(self, model: tf.keras.Model) -> Optional[CodebookState]:
-        return self._states.get(model)
+    @staticmethod
+    def _state(candidate: Candidate) -> CodebookState:
+        if not isinstance(candidate.state, CodebookState):
+            raise RuntimeError("a codebook learner works on a candidate its compress() returned")
+        return candidate.state
 
-    def _settle_batchnorm(self, model: tf.keras.Model, stage: str) -> str:
+    def _settle_batchnorm(self, candidate: Candidate, stage: str) -> str:
         """BatchNorm statistics after quantizing and after training: keep them ("keep": the baseline's
         after quantizing, as trained after training) or re-estimate them on training batches
         ("recalibrate"); "auto" scores both on validation images and keeps the better.
@@ -170,7 +170,7 @@ class CodebookLearner(Learner):
         training) but can hurt a model whose statistics never matched its data exactly (the shared
         pretrained ResNet-20 loses 2.9 points from re-estimation alone), so the data decides.
         """
-        state = self._states[model]
+        model, state = candidate.model, self._state(candidate)
         mode = self.options.batchnorm
         layers = batchnorm_layers(model)
         if not layers or self.options.calibration_batches == 0:
@@ -205,7 +205,7 @@ class CodebookLearner(Learner):
                 break
         return correct / max(seen, 1)
 
-    def _recover(self, model: tf.keras.Model, epochs: float, description: str,
+    def _recover(self, candidate: Candidate, epochs: float, description: str,
                  teacher: Optional[Distiller] = None, learning_rate_factor: Optional[float] = None) -> None:
         """Train the codebooks for ``epochs`` (codes fixed, or re-assigned every step with
         ``assignment: adaptive``), then settle the BatchNorm statistics again.
@@ -216,7 +216,7 @@ class CodebookLearner(Learner):
         """
         if epochs <= 0:
             return
-        state = self._states[model]
+        model, state = candidate.model, self._state(candidate)
         schedule = self.context.schedule.with_epochs(epochs)
         if learning_rate_factor is None:
             schedule = from_trained(schedule)
@@ -236,16 +236,14 @@ class CodebookLearner(Learner):
             moved = sum(int(np.count_nonzero(kernel.codes != before[key])) for key, (kernel, _) in state.kernels.items())
             state.notes.setdefault("codes_changed", {})[description] = moved
             log.info("%s: %s of %s codes changed", description, f"{moved:,}", f"{self.total:,}")
-        self._settle_batchnorm(model, description)
+        self._settle_batchnorm(candidate, description)
 
     def _baseline_kernels(self) -> Dict[str, np.ndarray]:
         """The baseline's full-precision kernels: where adaptive codes start their shadows."""
         return {key: variable.numpy() for key, variable in variables_by_key(self._baseline, self._weights).items()}
 
-    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
-        state = self._states.get(model)
-        if state is None:
-            raise RuntimeError("candidate_metrics() takes a model that compress() returned")
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
+        model, state = candidate.model, self._state(candidate)
         bits = {key: kernel.bits for key, (kernel, _) in state.kernels.items()}
         layouts = {key: kernel.layout for key, (kernel, _) in state.kernels.items()}
         size = artifact_bytes(model, state.kernels, self.options.half_precision_rest)
@@ -263,42 +261,33 @@ class CodebookLearner(Learner):
             return as_distiller(self._baseline)
         return teacher
 
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
-        if model not in self._states:
-            raise RuntimeError("finetune() takes the model the last compress() returned")
-        self._recover(model, epochs, "codebook fine-tune", teacher=self.default_teacher(teacher),
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
+        self._recover(candidate, epochs, "codebook fine-tune", teacher=self.default_teacher(teacher),
                       learning_rate_factor=self.options.finetune_learning_rate)
-        return model
+        return candidate
 
-    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
+    def finalize(self, candidate: Candidate) -> Candidate:
         """Kernels exactly at their centroids (codebooks rounded to float16 where stored so), other
         float tensors rounded to float16 where the file stores them so: the model is the file."""
-        state = self._states.get(model)
-        if state is None:
-            return model
+        model, state = candidate.model, self._state(candidate)
         ClusterProjection(state.kernels)()
         if self.half_table:
             round_half([variable for _, variable in state.kernels.values()])
         if self.options.half_precision_rest:
             round_half(rest_variables(model, [variable for _, variable in state.kernels.values()]))
-        return model
+        return candidate
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
-        state = self._states.get(model)
-        if state is None:
-            return {}
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
+        state = self._state(candidate)
         bits = {key: kernel.bits for key, (kernel, _) in state.kernels.items()}
         layouts = {key: kernel.layout for key, (kernel, _) in state.kernels.items()}
         return {"quantized_weights": self.total, "average_bits": self.bits_of(bits, layouts), "layer_bits": bits,
                 **state.notes}
 
-    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+    def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         """The codebook file, loaded back into Keras (test accuracy, weights and outputs compared with
         the model) and converted to TFLite from the loaded model (accuracy and latency measured)."""
-        state = self._states.get(model)
-        if state is None:
-            return {}
+        model, state = candidate.model, self._state(candidate)
         directory = Path(directory)
         path = directory / f"{self.artifact_stem}.npz"
         size = write_artifact(model, state.kernels, path, self.options.half_precision_rest)

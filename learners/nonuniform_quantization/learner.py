@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional
 
 import numpy as np
-import tensorflow as tf
 
-from learners.base import register_learner
+from learners.base import Candidate, register_learner
 from learners.bit_budget import project_bits
 from learners.nonuniform_quantization.artifact import QuantizedKernel
 from learners.nonuniform_quantization.clustering import fit_bits_to_bytes, weighted_average
@@ -138,8 +137,8 @@ class NonUniformLearner(CodebookLearner):
         projected = project_bits(proposed, self._sizes(), budget, low=self.options.min_bits, high=self.options.max_bits)
         return {k: min(b, high[k]) for k, b in projected.items()}
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        self._prepare_targets(baseline)
+    def reachable(self) -> Dict[str, float]:
+        self._prepare_targets()
         layouts = self._layouts()
         lowest = {k: r[0] for k, r in self._ranges(layouts).items()}
         reached = {"bits": self.bits_of(lowest, layouts)}
@@ -180,8 +179,8 @@ class NonUniformLearner(CodebookLearner):
         return None
 
     # ------------------------------------------------------------------ candidates
-    def compress(self, model: tf.keras.Model, hparams: NonUniformHyperparameters) -> tf.keras.Model:
-        work = self._working_copy(model)
+    def compress(self, hparams: NonUniformHyperparameters) -> Candidate:
+        work = self._working_copy()
         variables = variables_by_key(work, self._weights)
         kernels = {}
         for index, weight in enumerate(self._weights):
@@ -191,7 +190,7 @@ class NonUniformLearner(CodebookLearner):
                                                seed=self.context.seed + index)
             variable.assign(centroids[codes].reshape(weight.shape).astype(np.float32))
             kernels[weight.key] = (QuantizedKernel(weight.key, self.layout(weight), bits, codes), variable)
-        self._states[work] = CodebookState(kernels, hparams, {"init": hparams.init})
-        self._settle_batchnorm(work, "quantized")
-        self._recover(work, self.options.recovery_epochs, "recovery", teacher=self.default_teacher(None))
-        return work
+        candidate = Candidate(work, hparams, state=CodebookState(kernels, hparams, {"init": hparams.init}))
+        self._settle_batchnorm(candidate, "quantized")
+        self._recover(candidate, self.options.recovery_epochs, "recovery", teacher=self.default_teacher(None))
+        return candidate

@@ -23,7 +23,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from learners.base import register_learner
+from learners.base import Candidate, register_learner
 from learners.nonuniform_quantization.activations import layer_statistics, supports_activations
 from learners.nonuniform_quantization.artifact import QuantizedKernel
 from learners.nonuniform_quantization.clustering import fit_bits_to_bytes
@@ -147,8 +147,8 @@ class ProductQuantLearner(CodebookLearner):
         fitted = fit_bits_to_bytes(proposed, self.costs(layouts), budget, low, high)
         return fitted if fitted is not None else dict(low)  # infeasible: the candidate misses the target
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        self._prepare_targets(baseline)
+    def reachable(self) -> Dict[str, float]:
+        self._prepare_targets()
         best: Dict[str, float] = {}
         for block in self._blocks():
             layouts = self._layouts(block)
@@ -189,8 +189,9 @@ class ProductQuantLearner(CodebookLearner):
         return None
 
     # ------------------------------------------------------------------ candidates
-    def compress(self, model: tf.keras.Model, hparams: ProductHyperparameters) -> tf.keras.Model:
-        work = self._working_copy(model)
+    def compress(self, hparams: ProductHyperparameters) -> Candidate:
+        model = self.baseline
+        work = self._working_copy()
         variables = variables_by_key(work, self._weights)
         baseline_variables = variables_by_key(model, self._weights)
         images = None
@@ -212,11 +213,11 @@ class ProductQuantLearner(CodebookLearner):
                 errors[weight.key] = round(error, 5)
         notes = {"block_size": hparams.block, "objective": self.options.objective,
                  "layer_output_error": errors, "weight_space_layers": weight_space}
-        self._states[work] = CodebookState(kernels, hparams, notes)
-        self._settle_batchnorm(work, "quantized")
-        self._recover(work, self.options.recovery_epochs, "recovery",
+        candidate = Candidate(work, hparams, state=CodebookState(kernels, hparams, notes))
+        self._settle_batchnorm(candidate, "quantized")
+        self._recover(candidate, self.options.recovery_epochs, "recovery",
                       teacher=self.default_teacher(None))
-        return work
+        return candidate
 
     def quantize_layer(self, baseline: tf.keras.Model, work: tf.keras.Model, weight: PrunableWeight, layout: Layout,
                        bits: int, kernel: np.ndarray, images: Optional[np.ndarray],

@@ -17,12 +17,13 @@ above ``INT8_COMPRESSION_LIMIT``) hand the run to the mixed low-bit strategy in
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import tensorflow as tf
 
-from learners.base import Learner, register_learner
+from learners.base import Candidate, Learner, register_learner
 from learners.distillation import Distiller, distillation_loss
 from learners.uniform_quantization.options import (  # noqa: F401 - the options are part of this API
     DEFAULT_LOW_BITS, INT8_BITS, INT8_COMPRESSION_LIMIT, UniformConfig,
@@ -34,6 +35,16 @@ from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class QatState:
+    """A QAT candidate: the fake-quantized model, the layers left float, the epochs it trained."""
+
+    qat_model: tf.keras.Model
+    left_float: List[str] = field(default_factory=list)
+    trained_epochs: float = 0.0
+
 
 @register_learner
 class UniformQuantizationLearner(Learner):
@@ -50,20 +61,12 @@ class UniformQuantizationLearner(Learner):
             return MixedPrecisionLearner
         return cls
 
-    def __init__(self, options: UniformConfig, context) -> None:
-        super().__init__(options, context)
-        self._baseline: Optional[tf.keras.Model] = None
-        self._qat_model: Optional[tf.keras.Model] = None
-        self._left_float: List[str] = []
-        self._trained_epochs = 0.0
-
     # ------------------------------------------------------------------ search
     def max_trials(self) -> Optional[int]:
         return 1  # int8 has one candidate; the search only checks it against the target
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        self._baseline = baseline
-        return {"bits": INT8_BITS, "compression": self._estimated_compression(baseline)}
+    def reachable(self) -> Dict[str, float]:
+        return {"bits": INT8_BITS, "compression": self._estimated_compression(self.baseline)}
 
     def _estimated_compression(self, model: tf.keras.Model) -> float:
         """Float TFLite bytes / estimated int8 bytes: kernels 1 byte per weight, the rest unchanged."""
@@ -73,39 +76,40 @@ class UniformQuantizationLearner(Learner):
         kernels = sum(int(w.shape.num_elements()) for w in model.weights if "kernel" in w.name)
         return float_bytes / max(1.0, float_bytes - 3.0 * kernels)
 
-    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
-        source = self._baseline if self._baseline is not None else model
-        return {"bits": INT8_BITS, "compression": self._estimated_compression(source),
-                "params": float(count_params(source))}
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
+        return {"bits": INT8_BITS, "compression": self._estimated_compression(self.baseline),
+                "params": float(count_params(self.baseline))}
 
     # ------------------------------------------------------------------ compress and train
-    def compress(self, model: tf.keras.Model, hparams: UniformConfig) -> tf.keras.Model:
-        self._baseline = model
+    def compress(self, hparams: UniformConfig) -> Candidate:
+        """Post-training int8 (the candidate is the baseline itself, no state), or a QAT model
+        calibrated on training samples (state: ``QatState``)."""
+        model = self.baseline
         if not hparams.trains:
-            self._qat_model = None
-            self._left_float = []
-            return model
-        self._qat_model, self._left_float = quantize_aware(model)
+            return Candidate(model, hparams)
+        qat_model, left_float = quantize_aware(model)
         samples = self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
-        calibrate(self._qat_model, model, samples)
-        self._trained_epochs = 0.0
-        return self._qat_model
+        calibrate(qat_model, model, samples)
+        return Candidate(qat_model, hparams, state=QatState(qat_model, left_float))
 
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
-        if self._qat_model is None or model is not self._qat_model:
-            return model  # PTQ: nothing to train
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
+        state = candidate.state
+        if state is None:
+            return candidate  # PTQ: nothing to train
         epochs = self.options.qat_epochs if self.options.qat_epochs is not None else epochs
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
-        train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
-              loss_function=distillation_loss(teacher, model), description="QAT fine-tune")
-        self._trained_epochs = epochs
-        return model
+        train(state.qat_model, self.context.dataset, schedule, distributed=self.context.distributed,
+              seed=self.context.seed, loss_function=distillation_loss(teacher, state.qat_model),
+              description="QAT fine-tune")
+        state.trained_epochs = epochs
+        return candidate
 
-    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
-        if self._qat_model is None or model is not self._qat_model:
-            return model
-        return copy_back(self._qat_model, self._baseline)
+    def finalize(self, candidate: Candidate) -> Candidate:
+        """QAT: the trained float weights copied back into the baseline's architecture (the QAT
+        model stays in the state: it is what the int8 file is converted from)."""
+        if candidate.state is None:
+            return candidate
+        return candidate.with_model(copy_back(candidate.state.qat_model, self.baseline))
 
     # ------------------------------------------------------------------ ship and report
     def _export(self, model: tf.keras.Model, path: Path, mode: str) -> TFLiteMeasurement:
@@ -114,9 +118,9 @@ class UniformQuantizationLearner(Learner):
         representative = dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
         return self.context.export_and_measure(model, path, mode, images, labels, representative)
 
-    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
-        baseline = self._baseline if self._baseline is not None else model
-        ptq = self._export(baseline, directory / "ptq_int8.tflite", "int8")
+    def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
+        model, state = candidate.model, candidate.state
+        ptq = self._export(self.baseline, directory / "ptq_int8.tflite", "int8")
         fields: Dict[str, Any] = {
             "ptq_int8_accuracy": ptq.accuracy, "ptq_int8_latency_ms": ptq.latency_ms,
             "ptq_int8_bytes": ptq.bytes, "ptq_int8_path": ptq.path,
@@ -125,17 +129,17 @@ class UniformQuantizationLearner(Learner):
             dynamic = self._export(model, directory / "model_dynamic_compare.tflite", "dynamic")
             fields.update(dynamic_tflite_accuracy=dynamic.accuracy, dynamic_tflite_latency_ms=dynamic.latency_ms,
                           dynamic_tflite_bytes=dynamic.bytes)
-        if self._qat_model is not None:
-            shipped = self._export(self._qat_model, directory / "model_int8.tflite", "int8")
-            fields.update(qat_int8_accuracy=shipped.accuracy, qat_epochs=self._trained_epochs,
-                          method="qat", layers_left_float=list(self._left_float))
-            if self._trained_epochs == 0:
+        if state is not None:
+            shipped = self._export(state.qat_model, directory / "model_int8.tflite", "int8")
+            fields.update(qat_int8_accuracy=shipped.accuracy, qat_epochs=state.trained_epochs,
+                          method="qat", layers_left_float=list(state.left_float))
+            if state.trained_epochs == 0:
                 log.warning("QAT ran for 0 epochs (pass --finetune-epochs or uniform.qat_epochs); "
                             "the int8 file uses untrained quantizer ranges")
         else:
             shipped = ptq
             fields.update(method="ptq", layers_left_float=[])
-        if self._qat_model is not None and hasattr(self.context.dataset, "validation_arrays"):
+        if state is not None and hasattr(self.context.dataset, "validation_arrays"):
             # QAT must beat or match post-training int8; the choice is made on the validation split
             # (never the test split), and the losing file stays in the run directory for comparison.
             qat_validation, ptq_validation = self._validation_accuracy(shipped), self._validation_accuracy(ptq)
@@ -158,7 +162,7 @@ class UniformQuantizationLearner(Learner):
         images, labels = self.context.dataset.validation_arrays()
         return tflite_accuracy(TFLiteModel(measured.path, threads=self.context.threads), images, labels)
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
-        return {"method": "qat" if self._qat_model is not None else "ptq",
-                "layers_left_float": list(self._left_float) if self._qat_model is not None
-                else float_layers(model)}
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
+        state = candidate.state
+        return {"method": "qat" if state is not None else "ptq",
+                "layers_left_float": list(state.left_float) if state is not None else float_layers(candidate.model)}

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from learners.base import Learner
+from learners.base import Candidate, Learner
 from learners.bit_budget import average_bits, project_bits
 from learners.distillation import Distiller, distillation_loss
 from learners.packing import (PackedTensor, load_packed, packed_bytes, packed_size, packed_to_tflite,
@@ -63,6 +63,13 @@ class MixedHyperparameters:
     average_bits: float
 
 
+@dataclass(eq=False)
+class LowBitState:
+    """Marks the candidate the working copy holds (compared by identity)."""
+
+    hparams: MixedHyperparameters
+
+
 class MixedPrecisionLearner(Learner):
     """The uniform learner's low-bit strategy (not registered: ``uniform`` hands runs to it)."""
 
@@ -73,7 +80,6 @@ class MixedPrecisionLearner(Learner):
 
     def __init__(self, options: UniformConfig, context) -> None:
         super().__init__(options, context)
-        self._baseline: Optional[tf.keras.Model] = None
         self._work: Optional[tf.keras.Model] = None  # the one working copy every candidate lives in
         self._specs: List[KernelSpec] = []
         self._sizes: Dict[str, int] = {}
@@ -85,13 +91,13 @@ class MixedPrecisionLearner(Learner):
         self._baseline_bytes = 0
         self._ratios: Dict[Tuple[str, int, str], np.ndarray] = {}
         self._sensitivity: Dict[str, Dict[str, float]] = {}
-        self._current: Optional[MixedHyperparameters] = None
+        self._current: Optional[LowBitState] = None
 
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> None:
         if self._baseline is baseline:
             return
-        self._baseline = baseline
+        super().prepare(baseline)
         self._work = tf.keras.models.clone_model(baseline)
         self._work.set_weights(baseline.get_weights())
         self._specs = kernel_specs(self._work)
@@ -104,7 +110,7 @@ class MixedPrecisionLearner(Learner):
         self._pairs = foldable_pairs(self._work) if self.options.fold_batchnorm else []
         self._folded = folded_model(self._work, self._pairs) if self._pairs else None
         self._fixed_bytes = self._measure_fixed_bytes()
-        # every rank calls prepare (from reachable) at the same point: rank 0's measured size is shared
+        # the runner calls prepare on every rank at the same point: rank 0's measured size is shared
         self._baseline_bytes = int(self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes) or 0)
         self._ratios.clear()
         self._sensitivity.clear()
@@ -204,16 +210,15 @@ class MixedPrecisionLearner(Learner):
         return self._sensitivity[scheme]
 
     # ------------------------------------------------------------------ search
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
-        self.prepare(baseline)
+    def reachable(self) -> Dict[str, float]:
+        self.prepare(self.baseline)
         reached = {"bits": float(self._low)}
         if self._baseline_bytes:
             reached["compression"] = self._baseline_bytes / self.predicted_bytes({key: self._low for key in self._sizes})
         return reached
 
     def search_space(self, trial: Any) -> MixedHyperparameters:
-        if self._baseline is None:
-            raise RuntimeError("prepare(baseline) (or reachable) must run before search_space")
+        self.prepare(self.baseline)
         scheme = self.options.scheme
         if scheme == "search":
             scheme = trial.suggest_categorical("scheme", list(SCHEMES))
@@ -249,9 +254,10 @@ class MixedPrecisionLearner(Learner):
         return None
 
     # ------------------------------------------------------------------ candidates
-    def compress(self, model: tf.keras.Model, hparams: MixedHyperparameters) -> tf.keras.Model:
-        """The working copy with ``model``'s weights, quantized as ``hparams`` says, after a short STE
-        recovery and BatchNorm re-estimation. Valid until the next call."""
+    def compress(self, hparams: MixedHyperparameters) -> Candidate:
+        """The working copy with the baseline's weights, quantized as ``hparams`` says, after a short
+        STE recovery and BatchNorm re-estimation. Valid until the next call."""
+        model = self.baseline
         self.prepare(model)
         work = self._work
         work.set_weights(model.get_weights())
@@ -265,8 +271,8 @@ class MixedPrecisionLearner(Learner):
                         "low-bit recovery")
         elif self.options.batchnorm == "recalibrate":
             self._recalibrate(work)
-        self._current = hparams
-        return work
+        self._current = LowBitState(hparams)
+        return Candidate(work, hparams, state=self._current)
 
     def _train(self, model: tf.keras.Model, epochs: float, learning_rate: float, teacher: Optional[Distiller],
                description: str) -> None:
@@ -292,28 +298,29 @@ class MixedPrecisionLearner(Learner):
         recalibrate_batchnorm(model, self.context.dataset, self.options.calibration_batches,
                               self.context.schedule.batch_size, seed=self.context.seed)
 
-    def _check(self, model: tf.keras.Model) -> MixedHyperparameters:
-        if model is not self._work or self._current is None:
-            raise RuntimeError("the low-bit learner works on the model the last compress() returned")
-        return self._current
+    def _check(self, candidate: Candidate) -> MixedHyperparameters:
+        if candidate.state is None or candidate.state is not self._current:
+            raise RuntimeError("the low-bit learner works on the candidate the last compress() returned "
+                               "(its working copy holds one candidate at a time)")
+        return candidate.state.hparams
 
-    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
-        hparams = self._check(model)
-        size = len(packed_bytes(*self._packed(model)))
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
+        hparams = self._check(candidate)
+        size = len(packed_bytes(*self._packed(candidate)))
         metrics = {"bits": hparams.average_bits, "bytes": float(size)}
         if self._baseline_bytes:
             metrics["compression"] = self._baseline_bytes / size
         return metrics
 
     # ------------------------------------------------------------------ the winner
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
-        self._check(model)
-        self._train(model, epochs, self.options.finetune_learning_rate, teacher, "low-bit fine-tune")
-        return model
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
+        self._check(candidate)
+        self._train(candidate.model, epochs, self.options.finetune_learning_rate, teacher, "low-bit fine-tune")
+        return candidate
 
-    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
-        return model  # its kernels hold the quantized values; no wrappers to strip
+    def finalize(self, candidate: Candidate) -> Candidate:
+        self._check(candidate)
+        return candidate  # its kernels hold the quantized values; no wrappers to strip
 
     # ------------------------------------------------------------------ the packed file
     @staticmethod
@@ -322,9 +329,10 @@ class MixedPrecisionLearner(Learner):
 
         return {key: variable.name for key, variable in variables_by_key(model, prunable_weights(model)).items()}
 
-    def _packed(self, model: tf.keras.Model) -> Tuple[tf.keras.Model, Dict[str, PackedTensor]]:
+    def _packed(self, candidate: Candidate) -> Tuple[tf.keras.Model, Dict[str, PackedTensor]]:
         """The model the file describes (BatchNorm folded) and its packed kernels."""
-        self._check(model)
+        self._check(candidate)
+        model = candidate.model
         gains: Dict[str, np.ndarray] = {}
         if self._folded is not None:
             gains = fold_weights(model, self._folded, self._pairs)
@@ -340,12 +348,12 @@ class MixedPrecisionLearner(Learner):
                                                    {"channel_axis": spec.axis})
         return target, packed
 
-    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+    def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         """The packed file (what ships), then TFLite files of its decoded weights, each measured."""
-        hparams = self._check(model)
+        hparams = self._check(candidate)
         directory = Path(directory)
         path = directory / ARTIFACT_NAME
-        size = write_packed(*self._packed(model), path)
+        size = write_packed(*self._packed(candidate), path)
         dataset = self.context.dataset
         images, labels = dataset.test_arrays()
         rebuilt = load_packed(path)
@@ -371,10 +379,8 @@ class MixedPrecisionLearner(Learner):
                  f"{size:,}", hparams.average_bits, measured.accuracy)
         return fields
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
-        if self._current is None or model is not self._work:
-            return {}
-        hparams = self._current
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
+        hparams = self._check(candidate)
         found: Dict[str, Any] = {
             "precision": "mixed low-bit", "scheme": hparams.scheme, "allocation": hparams.allocation,
             "bit_budget": self.budget(), "average_bits": hparams.average_bits,

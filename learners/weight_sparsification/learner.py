@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
-from learners.base import Learner, register_learner
+from learners.base import Candidate, Learner, register_learner
 from learners.distillation import Distiller, distillation_loss
 from learners.weight_sparsification import artifact
 from learners.weight_sparsification.artifact import SizeModel, ceil_zeros, solve_zeros
@@ -111,7 +111,6 @@ class WeightSparseLearner(Learner):
 
     def __init__(self, options: WeightSparseConfig, context) -> None:
         super().__init__(options, context)
-        self._baseline: Optional[tf.keras.Model] = None
         self._weights: List[PrunableWeight] = []
         self._sizes: Optional[SizeModel] = None
         self._work: Optional[tf.keras.Model] = None  # the one working copy every candidate lives in
@@ -130,7 +129,7 @@ class WeightSparseLearner(Learner):
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> List[PrunableWeight]:
         if self._baseline is not baseline:
-            self._baseline = baseline
+            super().prepare(baseline)
             self._weights = prunable_weights(baseline)
             if not self._weights:
                 raise ConfigError("the model has no prunable weights (Conv/Dense kernels); weight-sparse has "
@@ -208,7 +207,8 @@ class WeightSparseLearner(Learner):
             needed = most if solved is None else solved
         return self._allocation(densities, protect, min(needed, most))
 
-    def reachable(self, baseline: tf.keras.Model) -> Dict[str, float]:
+    def reachable(self) -> Dict[str, float]:
+        baseline = self.baseline
         self.prepare(baseline)
         protect = "none" if self.options.protect == "search" else self.options.protect
         _, most = self._bounds(protect)
@@ -216,8 +216,7 @@ class WeightSparseLearner(Learner):
         if self.context.target.compression is not None:
             limit = self._target_bytes()
             zeros = self._allocation({}, protect, most)
-            candidate = self._masked_copy(baseline, zeros)
-            shipped = self._measure_size(candidate, zeros)
+            shipped = self._measure_size(self._masked_copy(zeros), zeros)
             reached["compression"] = self._baseline_bytes / shipped
             log.info("weight-sparse: at most %.3f sparsity and %.2fx compression (%s bytes, target %s)",
                      reached["sparsity"], reached["compression"], f"{shipped:,}", f"{int(limit):,}")
@@ -225,8 +224,7 @@ class WeightSparseLearner(Learner):
 
     # ------------------------------------------------------------------ search space
     def search_space(self, trial: Any) -> SparseHyperparameters:
-        if self._baseline is None:
-            raise RuntimeError("prepare(baseline) (or reachable) must run before search_space")
+        self.prepare(self.baseline)  # raises when prepare(baseline) never ran
         protect = self.options.protect
         if protect == "search":
             protect = trial.suggest_categorical("protect", list(PROTECT_CHOICES))
@@ -257,9 +255,10 @@ class WeightSparseLearner(Learner):
         return (protect,) + tuple(sorted(densities.items()))
 
     # ------------------------------------------------------------------ candidates
-    def _masked_copy(self, model: tf.keras.Model, zeros: Mapping[str, int]) -> tf.keras.Model:
-        """The working copy with ``model``'s weights and magnitude masks for ``zeros`` applied.
+    def _masked_copy(self, zeros: Mapping[str, int]) -> tf.keras.Model:
+        """The working copy with the baseline's weights and magnitude masks for ``zeros`` applied.
         A candidate is valid until the next call (the runner fine-tunes the last one built)."""
+        model = self.baseline
         self.prepare(model)
         self._work.set_weights(model.get_weights())
         self._masks.update(compute_masks(self._masks.variables, self._weights, zeros, self.options.pattern))
@@ -267,8 +266,15 @@ class WeightSparseLearner(Learner):
         self._current = _Candidate(dict(zeros))
         return self._work
 
-    def _state(self, model: tf.keras.Model) -> Optional[_Candidate]:
-        return self._current if model is self._work else None
+    def _state(self, candidate: Candidate) -> Optional[_Candidate]:
+        """The candidate's masks state while the working copy still holds it; None for a model not
+        built here. A candidate that a later compress() replaced raises: its weights are gone."""
+        if candidate.state is None:
+            return None
+        if candidate.state is not self._current:
+            raise RuntimeError("weight-sparse keeps one candidate at a time in its working copy; this one was "
+                               "replaced by a later compress()")
+        return candidate.state
 
     def _quantized_names(self, model: tf.keras.Model) -> List[str]:
         return [v.name for v in variables_by_key(model, self._weights).values()]
@@ -294,9 +300,9 @@ class WeightSparseLearner(Learner):
             self._sizes.observe(kind, zeros, size)
         return min(sizes.values())
 
-    def compress(self, model: tf.keras.Model, hparams: SparseHyperparameters) -> tf.keras.Model:
+    def compress(self, hparams: SparseHyperparameters) -> Candidate:
         zeros = dict(hparams.zeros)
-        candidate = self._masked_copy(model, zeros)
+        candidate = self._masked_copy(zeros)
         limit = self._target_bytes()
         if limit is not None:
             signature = self._signature(hparams.densities, hparams.protect)
@@ -306,7 +312,7 @@ class WeightSparseLearner(Learner):
                     break
                 log.debug("candidate file %d bytes > %d; recalibrated, solving again", shipped, limit)
                 zeros = self.solve(hparams.densities, hparams.protect)
-                candidate = self._masked_copy(model, zeros)
+                candidate = self._masked_copy(zeros)
             self._current.shipped_bytes = shipped
             self._solved[signature] = zeros
         if self.options.recovery_epochs > 0:
@@ -316,17 +322,18 @@ class WeightSparseLearner(Learner):
                   seed=self.context.seed, after_step=hook, description="recovery")
             hook.finish()
         self._recalibrate(candidate)
-        return candidate
+        return Candidate(candidate, hparams, state=self._current)
 
     def _recalibrate(self, model: tf.keras.Model) -> None:
         recalibrate_batchnorm(model, self.context.dataset, self.options.calibration_batches,
                               self.context.schedule.batch_size, seed=self.context.seed)
 
-    def candidate_metrics(self, model: tf.keras.Model) -> Dict[str, float]:
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
+        model = candidate.model
         zeros = sum(int(np.sum(v.numpy() == 0)) for v in variables_by_key(model, self._weights).values())
         metrics = {"sparsity": zeros / self.total}
         if self.context.target.compression is not None:
-            state = self._state(model)
+            state = self._state(candidate)
             shipped = state.shipped_bytes if state and state.shipped_bytes else \
                 self._measure_size(model, self._zeros_of(model))
             metrics["compression"] = self._baseline_bytes / shipped
@@ -336,11 +343,10 @@ class WeightSparseLearner(Learner):
         return {key: int(np.sum(v.numpy() == 0)) for key, v in variables_by_key(model, self._weights).items()}
 
     # ------------------------------------------------------------------ the winner
-    def finetune(self, model: tf.keras.Model, epochs: float,
-                 teacher: Optional[Distiller] = None) -> tf.keras.Model:
-        state = self._state(model)
+    def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
+        state, model = self._state(candidate), candidate.model
         if state is None:
-            raise RuntimeError("finetune() takes the model the last compress() returned")
+            raise RuntimeError("finetune() takes a candidate compress() returned")
         schedule = replace(self.context.schedule, epochs=epochs,
                            learning_rate=self.context.schedule.learning_rate * self.options.finetune_learning_rate)
         if self.options.finetune == "gradual":
@@ -361,30 +367,31 @@ class WeightSparseLearner(Learner):
               description=description)
         hook.finish()
         self._recalibrate(model)
-        return model
+        return candidate
 
-    def finalize(self, model: tf.keras.Model) -> tf.keras.Model:
-        if self._state(model) is not None:
+    def finalize(self, candidate: Candidate) -> Candidate:
+        if self._state(candidate) is not None:
             self._masks.apply()
-        return model
+        return candidate
 
-    def masks_of(self, model: tf.keras.Model) -> Dict[str, np.ndarray]:
-        if self._state(model) is not None:
+    def masks_of(self, candidate: Candidate) -> Dict[str, np.ndarray]:
+        if self._state(candidate) is not None:
             return self._masks.numpy()
-        return {key: v.numpy() != 0 for key, v in variables_by_key(model, self._weights).items()}
+        return {key: v.numpy() != 0 for key, v in variables_by_key(candidate.model, self._weights).items()}
 
-    def describe(self, model: tf.keras.Model) -> Dict[str, Any]:
+    def describe(self, candidate: Candidate) -> Dict[str, Any]:
         if not self._weights:
             return {}
-        zeros = self._zeros_of(model)
+        zeros = self._zeros_of(candidate.model)
         return {"sparsity": sum(zeros.values()) / self.total, "pattern": self.options.pattern,
                 "prunable_weights": self.total,
                 "layer_sparsity": {w.key: round(zeros[w.key] / w.size, 4) for w in self._weights}}
 
-    def write_artifacts(self, model: tf.keras.Model, directory: Path) -> Dict[str, Any]:
+    def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         """masks.npz, then both sparse files, each measured on the test split; the smaller allowed one ships."""
+        model = candidate.model
         masks_path = Path(directory) / "masks.npz"
-        save_masks(masks_path, self.masks_of(model))
+        save_masks(masks_path, self.masks_of(candidate))
         fields = artifact.write_sparse_files(
             model, Path(directory), self.context.dataset, bits=self.options.bits, int8_mode=self.options.int8_mode,
             quantize=self._quantized_names(model), representative=self._representative(), kinds=self._kinds(),

@@ -14,13 +14,12 @@ import optuna
 import pytest
 import tensorflow as tf
 
-from learners.base import LEARNERS, LearnerContext
+from learners.base import LEARNERS
 from learners.distillation import (Distiller, as_distiller, check_run, distillation_loss, distillation_loss_value,
                                    make_distiller, reference_values, resolve_enabled, suggest)
 from nets.digits_cnn import build_digits_cnn
-from pocketflow.config import DataConfig, DistillationConfig, TargetConfig, build_run_config
+from pocketflow.config import DataConfig, DistillationConfig, build_run_config
 from pocketflow.data import load_dataset
-from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
 from pocketflow.training import TrainSchedule, train
 from tests.conftest import ROOT
@@ -180,16 +179,6 @@ def test_searched_values_suggest_reference_and_make():
 # --------------------------------------------------------------------------- training with a teacher
 
 
-class SpyDistiller(Distiller):
-    """Counts the students it builds a loss for, so a test sees that a learner used the teacher."""
-
-    students = 0
-
-    def loss_for(self, student):
-        SpyDistiller.students += 1
-        return super().loss_for(student)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset(DataConfig(name="digits"), seed=0)
@@ -211,43 +200,6 @@ def test_the_teacher_stays_frozen_while_the_student_learns(digits):
     assert losses and all(np.isfinite(losses))
     assert all(np.array_equal(a, b) for a, b in zip(before_teacher, teacher.get_weights()))
     assert not all(np.array_equal(a, b) for a, b in zip(before_student, student.get_weights()))
-
-
-def test_every_registered_learner_accepts_a_teacher():
-    import inspect
-
-    for name in LEARNERS.names():
-        parameters = inspect.signature(LEARNERS.get(name).finetune).parameters
-        assert "teacher" in parameters, f"learner '{name}': finetune() has no teacher parameter"
-
-
-LEARNER_CASES = {
-    "channel": (TargetConfig(speedup=1.5), {"criterion": "l1", "mode": "uniform"}),
-    "weight-sparse": (TargetConfig(sparsity=0.5), {"mode": "uniform", "protect": "none", "recovery_epochs": 0.0,
-                                                    "calibration_batches": 2}),
-    "uniform": (TargetConfig(bits=8), {}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(LEARNER_CASES))
-def test_every_learner_fine_tunes_with_the_teacher(name, digits):
-    """The fast path of each learner: compress, then finetune(teacher=...) builds the distilled loss."""
-    target, options = LEARNER_CASES[name]
-    learner_class = LEARNERS.get(name)
-    teacher = _teacher(digits)
-    before = [w.copy() for w in teacher.get_weights()]
-    context = LearnerContext(dataset=digits, schedule=TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False),
-                             target=target, distributed=SingleProcess(), seed=0,
-                             baseline_macs=1, baseline_tflite_bytes=0)
-    learner = learner_class(learner_class.parse_options(options, "the test"), context)
-    learner.reachable(teacher)
-    hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
-    candidate = learner.compress(teacher, hparams)
-    SpyDistiller.students = 0
-    tuned = learner.finetune(candidate, 0.1, teacher=SpyDistiller(teacher, 2.0, 0.5))
-    assert SpyDistiller.students == 1, f"{name}.finetune did not pass the teacher's loss to train()"
-    learner.finalize(tuned)
-    assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -162,7 +162,8 @@ def learner_for(trained, target: TargetConfig, **options) -> NonUniformLearner:
                              baseline_tflite_bytes=float_bytes)
     learner = NonUniformLearner(NonUniformConfig(**{"recovery_epochs": 0.05, "calibration_batches": 5, **options}),
                                 context)
-    learner.reachable(model)
+    learner.prepare(model)
+    learner.reachable()
     return learner
 
 
@@ -199,14 +200,15 @@ def test_uniform_4_bit_candidate_round_trips_through_the_codebook_file(trained, 
     dataset, baseline, _, float_bytes = trained
     learner = learner_for(trained, TargetConfig(bits=4))
     hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
-    candidate = learner.compress(baseline, hparams)
+    candidate = learner.compress(hparams)
     metrics = learner.candidate_metrics(candidate)
     assert metrics["bits"] == 4.0 and metrics["compression"] >= 7.0
-    model = learner.finalize(learner.finetune(candidate, 0.1))
+    finished = learner.finalize(learner.finetune(candidate, 0.1))
+    model = finished.model
     kernels = variables_by_key(model, learner._weights)
     assert all(n <= 16 for n in distinct_values([v.numpy() for v in kernels.values()]))
 
-    fields = learner.write_artifacts(model, tmp_path)
+    fields = learner.write_artifacts(finished, tmp_path)
     path = tmp_path / "model_codebook.npz"
     assert fields["artifact_bytes"] == path.stat().st_size and float_bytes / fields["artifact_bytes"] >= 7.0
     assert metrics["bytes"] == fields["artifact_bytes"]  # the search measured the real file size
@@ -236,17 +238,19 @@ def test_batchnorm_auto_re_estimates_stale_statistics_and_keep_keeps_them(traine
         layer.moving_mean.assign(layer.moving_mean + 3.0)  # statistics that no longer match the data
     options = dict(mode="uniform", init="kmeans++", selection_samples=144)
     learner = learner_for(trained, TargetConfig(bits=8), batchnorm="auto", recovery_epochs=0.05, **options)
-    learner.reachable(stale)
-    candidate = learner.compress(stale, learner.search_space(optuna.trial.FixedTrial({})))
+    learner.prepare(stale)
+    learner.reachable()
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial({})))
     notes = learner.describe(candidate)
     assert notes["batchnorm"] == {"quantized": "recalibrate", "recovery": notes["batchnorm"]["recovery"]}
     selection = notes["batchnorm_selection"]["quantized"]
     assert selection["recalibrate"] > selection["keep"] + 0.2
     learner = learner_for(trained, TargetConfig(bits=8), batchnorm="keep", recovery_epochs=0.0, **options)
-    learner.reachable(stale)
-    candidate = learner.compress(stale, learner.search_space(optuna.trial.FixedTrial({})))
+    learner.prepare(stale)
+    learner.reachable()
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial({})))
     assert learner.describe(candidate)["batchnorm"] == {"quantized": "keep"}
-    for kept, original in zip(batchnorm_layers(candidate), batchnorm_layers(stale)):
+    for kept, original in zip(batchnorm_layers(candidate.model), batchnorm_layers(stale)):
         np.testing.assert_array_equal(kept.moving_mean.numpy(), original.moving_mean.numpy())
 
 
@@ -258,26 +262,26 @@ def test_adaptive_codes_recover_more_than_fixed_codes_at_1_bit(trained):
     for assignment in ("fixed", "adaptive"):
         learner = learner_for(trained, TargetConfig(bits=1), mode="uniform", init="kmeans++", recovery_epochs=0.0,
                               assignment=assignment)
-        candidate = learner.compress(baseline, learner.search_space(optuna.trial.FixedTrial({})))
-        model = learner.finalize(learner.finetune(candidate, 1))
-        scores[assignment] = accuracy(model, dataset.validation(256))
-        for kernel, variable in learner.state(model).kernels.values():
+        candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial({})))
+        finished = learner.finalize(learner.finetune(candidate, 1))
+        scores[assignment] = accuracy(finished.model, dataset.validation(256))
+        for kernel, variable in finished.state.kernels.values():
             values = variable.numpy()
             assert len(np.unique(values)) <= 2
             np.testing.assert_array_equal(kernel.decode(kernel.codebook_of(values)), values)
         if assignment == "adaptive":
-            assert learner.describe(model)["codes_changed"]["codebook fine-tune"] > 0
+            assert learner.describe(finished)["codes_changed"]["codebook fine-tune"] > 0
     assert scores["adaptive"] > scores["fixed"] + 0.05, scores
 
 
 def test_compression_target_is_met_on_the_real_file(trained):
     _, baseline, _, _ = trained
     learner = learner_for(trained, TargetConfig(compression=10.0), recovery_epochs=0.0)
-    assert learner.reachable(baseline)["compression"] > 10.0
+    assert learner.reachable()["compression"] > 10.0
     rng = np.random.default_rng(5)
     params = {f"bits_{w.key}": float(rng.uniform(1, 8)) for w in learner._weights}
     params["init"] = "quantile"
-    candidate = learner.compress(baseline, learner.search_space(optuna.trial.FixedTrial(params)))
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(params)))
     metrics = learner.candidate_metrics(candidate)
     assert 10.0 <= metrics["compression"] <= 11.0  # met, and most of the budget used
 

@@ -167,7 +167,8 @@ def learner_for(trained, target: TargetConfig, **options) -> ProductQuantLearner
                              baseline_tflite_bytes=float_bytes)
     defaults = {"samples": 128, "rows": 2048, "iterations": 10, "calibration_batches": 5}
     learner = ProductQuantLearner(ProductQuantConfig(**{**defaults, **options}), context)
-    learner.reachable(model)
+    learner.prepare(model)
+    learner.reachable()
     return learner
 
 
@@ -186,13 +187,14 @@ def test_candidate_meets_15x_on_the_real_file_and_round_trips(trained, tmp_path)
     learner = learner_for(trained, TargetConfig(compression=15.0))
     hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
     assert hparams.block == 9
-    candidate = learner.compress(baseline, hparams)
+    candidate = learner.compress(hparams)
     metrics = learner.candidate_metrics(candidate)
     assert metrics["compression"] >= 15.0
     notes = learner.describe(candidate)
     assert notes["weight_space_layers"] == [] and set(notes["layer_output_error"]) == set(hparams.bits)
-    model = learner.finalize(learner.finetune(candidate, 0.1))  # distilled from the baseline
-    fields = learner.write_artifacts(model, tmp_path)
+    finished = learner.finalize(learner.finetune(candidate, 0.1))  # distilled from the baseline
+    model = finished.model
+    fields = learner.write_artifacts(finished, tmp_path)
     assert fields["artifact_bytes"] == (tmp_path / "model_pq.npz").stat().st_size
     assert float_bytes / fields["artifact_bytes"] >= 15.0
     assert fields["artifact_weight_max_difference"] == 0.0

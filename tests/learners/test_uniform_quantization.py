@@ -121,10 +121,13 @@ def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
                              latency_runs=5)
     learner = UniformQuantizationLearner(UniformConfig(method="ptq", compare_dynamic=False), context)
     assert learner.max_trials() == 1
-    assert learner.reachable(model)["bits"] == 8.0
-    candidate = learner.compress(model, learner.options)
-    assert candidate is model and learner.finetune(candidate, 1.0) is model and learner.finalize(model) is model
-    fields = learner.write_artifacts(model, tmp_path)
+    learner.prepare(model)
+    assert learner.reachable()["bits"] == 8.0
+    candidate = learner.compress(learner.options)
+    assert candidate.model is model and candidate.state is None  # post-training int8: nothing to train
+    candidate = learner.finalize(learner.finetune(candidate, 1.0))
+    assert candidate.model is model
+    fields = learner.write_artifacts(candidate, tmp_path)
     assert fields["method"] == "ptq" and fields["shipped_format"] == "int8 TFLite"
     assert fields["artifact_path"] == fields["ptq_int8_path"]
     assert fields["artifact_bytes"] == (tmp_path / "ptq_int8.tflite").stat().st_size
@@ -135,7 +138,8 @@ def test_below_eight_bits_is_reported_unreachable(digits):
     context = LearnerContext(dataset=digits, schedule=TrainSchedule(1, 32, 0.05, "cosine", "sgd", 0, False),
                              target=TargetConfig(bits=4), distributed=SingleProcess())
     learner = UniformQuantizationLearner(UniformConfig(), context)
-    assert learner.reachable(model)["bits"] > 4
+    learner.prepare(model)
+    assert learner.reachable()["bits"] > 4
 
 
 @pytest.mark.integration

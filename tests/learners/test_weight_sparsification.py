@@ -246,8 +246,9 @@ def test_container_round_trip_is_bit_exact(tmp_path):
 def test_sparse_tflite_is_smaller_and_agrees_with_keras(trained, tmp_path):
     dataset, model, _ = trained
     learner = learner_for(trained, TargetConfig(sparsity=0.8), recovery_epochs=0.0, protect="none", mode="uniform")
-    candidate = learner.compress(model, learner.search_space(optuna.trial.FixedTrial({})))
-    assert learner.candidate_metrics(candidate)["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    sparse = learner.compress(learner.search_space(optuna.trial.FixedTrial({})))
+    assert learner.candidate_metrics(sparse)["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    candidate = sparse.model
     dense_bytes = len(convert(candidate, "float"))
     sparse_path = tmp_path / "sparse.tflite"
     sparse_path.write_bytes(sparse_tflite(candidate))
@@ -274,16 +275,16 @@ def test_sparse_tflite_is_smaller_and_agrees_with_keras(trained, tmp_path):
 def test_searched_candidates_meet_the_sparsity_target_exactly(trained):
     dataset, model, _ = trained
     learner = learner_for(trained, TargetConfig(sparsity=0.75), recovery_epochs=0.1)
-    assert learner.reachable(model)["sparsity"] == pytest.approx(0.98, abs=1e-3)
+    assert learner.reachable()["sparsity"] == pytest.approx(0.98, abs=1e-3)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial(learner.reference_params())
     for _ in range(3):
         trial = study.ask()
         hparams = learner.search_space(trial)
-        candidate = learner.compress(model, hparams)
+        candidate = learner.compress(hparams)
         assert learner.candidate_metrics(candidate)["sparsity"] == pytest.approx(
             np.ceil(0.75 * learner.total) / learner.total)
-        study.tell(trial, accuracy(candidate, dataset.validation(256)))
+        study.tell(trial, accuracy(candidate.model, dataset.validation(256)))
     assert study.trials[0].value > 0.8  # BatchNorm recalibration keeps a one-shot candidate useful
     finetuned = learner.finalize(learner.finetune(candidate, 0.5))
     assert learner.candidate_metrics(finetuned)["sparsity"] == pytest.approx(np.ceil(0.75 * learner.total)
@@ -294,10 +295,10 @@ def test_searched_candidates_meet_the_sparsity_target_exactly(trained):
 def test_compression_target_is_met_on_the_real_file(trained, tmp_path, options):
     dataset, model, _ = trained
     learner = learner_for(trained, TargetConfig(compression=5.0), recovery_epochs=0.0, **options)
-    reached = learner.reachable(model)
+    reached = learner.reachable()
     assert reached["compression"] > 5.0
     hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
-    candidate = learner.compress(model, hparams)
+    candidate = learner.compress(hparams)
     assert 5.0 <= learner.candidate_metrics(candidate)["compression"] < 5.0 * 1.03
     report = learner.write_artifacts(learner.finalize(candidate), tmp_path)
     assert learner.context.baseline_tflite_bytes / report["artifact_bytes"] >= 5.0
