@@ -8,7 +8,6 @@ import datetime
 import logging
 import os
 import platform
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 import learners as learner_registry  # noqa: F401  (registers the learners)
-from learners.base import LEARNERS, Learner, LearnerContext
+from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from nets import NETS, NetSpec, Schedule
 from pocketflow import __version__
 from pocketflow.baseline import load_baseline, train_baseline
@@ -33,6 +32,7 @@ from pocketflow.export import TFLiteMeasurement, export_and_measure, runtime_nam
 from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
+from pocketflow.run_directory import RunDirectory
 from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
 from hpo.targets import meets
@@ -101,6 +101,7 @@ class Runner:
         self.resume = resume
         self.distributed = distributed
         self.notes: List[str] = []
+        self.run_directory: Optional[RunDirectory] = None  # the chief's, once claimed
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -134,38 +135,11 @@ class Runner:
                 # searchers starting together do not race to create the database's tables.
                 with study_lock(config.hpo.storage, study_name(config)):
                     open_storage(config.hpo.storage)
-            self._claim_output_dir()
+            self.run_directory = RunDirectory(output_dir)
+            self.run_directory.claim(self.resume)
             write_atomic(output_dir / "config.yaml", self.config.to_yaml().encode())
-            handler = logging.FileHandler(output_dir / "run.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger().addHandler(handler)
-            self._log_handler = handler
+            self.run_directory.open_log()
         self.distributed.barrier()
-
-    def _claim_output_dir(self) -> None:
-        directory = self.output_dir
-        if directory.exists() and not directory.is_dir():
-            raise UserError(f"--output-dir '{directory}' is a file; pass a directory path")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            probe = directory / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UserError(f"cannot write to --output-dir '{directory}' ({error.strerror or error}); "
-                            f"choose a writable directory") from None
-        self._lock = lock_directory(directory)  # a live run there: refuse, whatever the directory holds
-        # A run leaves config.yaml from its start (a failed start removes it again: _discard_failed_start).
-        finished = (directory / "config.yaml").exists() or (directory / "report.json").exists()
-        if finished and not self.resume:
-            raise UserError(f"--output-dir '{directory}' already holds a run; pass --resume to continue it, "
-                            f"or choose another --output-dir")
-        if finished:  # resuming our run: a killed run's temporaries (write_atomic, save_model) go
-            for stale in [*directory.glob(".*.tmp"), *directory.glob(".saving-*")]:
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-        self._existing = set(os.listdir(directory))  # what this run must never remove
-        self._held_a_run = finished
-        self._claimed = True
 
     # ------------------------------------------------------------------ stopping early
     def _write_interrupted_report(self, interrupt: KeyboardInterrupt) -> None:
@@ -174,32 +148,16 @@ class Runner:
         The search has already marked its current trial failed ('interrupted') and saved the study;
         ``--resume`` runs that trial again and goes on.
         """
-        if not getattr(self, "_claimed", False):
+        if self.run_directory is None:
             return
         partial = self._partial
-        config = self.config
         trials = getattr(interrupt, "trials", None) or partial.get("trials") or \
             {"completed": 0, "failed": 0, "pruned": 0}
-        report: Dict[str, Any] = {
-            "pocketflow_version": __version__,
-            "learner": config.learner,
-            "net": config.net or Path(config.model).stem,
-            "dataset": partial.get("dataset", config.data.name),
-            "model_source": partial.get("model_source"),
-            "status": "interrupted",
-            "reason": "interrupted by the user (SIGINT) before the run finished; this report is partial "
-                      "(no best model): run the same command with --resume to continue",
-            "started": datetime.datetime.fromtimestamp(partial["started"]).isoformat(timespec="seconds"),
-            "world_size": self.distributed.size if self.distributed else 1,
-            "target": config.target.requested(),
-            "trials": trials,
-            "config_path": str(self.output_dir / "config.yaml"),
-            "environment": _environment(config),
-            "baseline": partial.get("baseline"),
-            "best": None,
-            "notes": self.notes,
-            "seconds": time.time() - partial["started"],
-        }
+        report = self._report_header("interrupted", partial.get("dataset", self.config.data.name),
+                                     partial.get("model_source"), trials, partial.get("baseline"))
+        report.update(reason="interrupted by the user (SIGINT) before the run finished; this report is partial "
+                             "(no best model): run the same command with --resume to continue",
+                      seconds=time.time() - partial["started"])
         details = getattr(interrupt, "details", None) or partial.get("search")
         if details:
             report["search"] = details
@@ -207,41 +165,6 @@ class Runner:
             write_report(self.output_dir, report)
         interrupt.note = (f"partial report in {self.output_dir / 'report.json'}; run the same command with "
                           f"--resume to continue")
-
-    def _discard_failed_start(self) -> None:
-        """Bad input (or a diverging baseline) before any trial finished: remove what this run wrote
-        (config.yaml, baseline files, an empty study), so the directory does not look like it holds a
-        run and the corrected command can be run there again. run.log stays, for the record."""
-        if not getattr(self, "_claimed", False) or self._held_a_run:  # a resumed run's files are kept
-            return
-        directory = self.output_dir
-        try:
-            created = set(os.listdir(directory)) - self._existing
-        except OSError:
-            return
-        if created & {"trials.csv", "report.json"}:  # finished trials: --resume continues from them
-            return
-        for name in created - {"run.log", ".lock"}:
-            path = directory / name
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            except OSError as error:
-                log.warning("could not remove %s after the failed start (%s)", path, error)
-
-    def _release(self) -> None:
-        """Close run.log and give the directory's lock back (the process may go on: tests, notebooks)."""
-        handler = getattr(self, "_log_handler", None)
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-            self._log_handler = None
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.close()
-            self._lock = None
 
     # ------------------------------------------------------------------ measuring
     def _measure(self, model: tf.keras.Model, dataset: Dataset, stem: str, modes: List[str]) -> Measurement:
@@ -275,14 +198,37 @@ class Runner:
                 log.warning("the partial report could not be written: %s", error)
             raise
         except (UserError, DivergenceError):
-            self._discard_failed_start()
+            if self.run_directory is not None:
+                self.run_directory.discard_failed_start()
             raise
         finally:
-            self._release()
+            if self.run_directory is not None:
+                self.run_directory.release()
+
+    def _report_header(self, status: str, dataset: str, source: Optional[str], trials: Dict[str, int],
+                       baseline: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        """The fields every report.json starts with, finished or interrupted."""
+        config = self.config
+        return {
+            "pocketflow_version": __version__,
+            "learner": config.learner,
+            "net": config.net or Path(config.model).stem,
+            "dataset": dataset,
+            "model_source": source,
+            "status": status,
+            "started": datetime.datetime.fromtimestamp(self._partial["started"]).isoformat(timespec="seconds"),
+            "world_size": self.distributed.size if self.distributed else 1,
+            "target": config.target.requested(),
+            "trials": trials,
+            "config_path": str(self.output_dir / "config.yaml"),
+            "environment": _environment(config),
+            "baseline": baseline,
+            "best": None,
+            "notes": self.notes,
+        }
 
     def _run_loop(self) -> Dict[str, Any]:
         started = time.time()
-        started_at = datetime.datetime.now().isoformat(timespec="seconds")
         self._prepare()
         config = self.config
         distributed = self.distributed
@@ -330,23 +276,8 @@ class Runner:
         outcome = self._search_or_compress(learner, baseline_model, dataset)
         self._partial.update(trials=outcome.trials, search=outcome.details)
 
-        report: Dict[str, Any] = {
-            "pocketflow_version": __version__,
-            "learner": config.learner,
-            "net": config.net or Path(config.model).stem,
-            "dataset": dataset.name,
-            "model_source": source,
-            "status": "completed",
-            "started": started_at,
-            "world_size": distributed.size,
-            "target": config.target.requested(),
-            "trials": outcome.trials,
-            "config_path": str(self.output_dir / "config.yaml"),
-            "environment": _environment(config),
-            "baseline": baseline.fields() if baseline else None,
-            "best": None,
-            "notes": self.notes,
-        }
+        report = self._report_header("completed", dataset.name, source, outcome.trials,
+                                     baseline.fields() if baseline else None)
         if outcome.details:
             report["search"] = outcome.details
 
@@ -360,19 +291,19 @@ class Runner:
         if outcome.front:  # --objective pareto: every front model is finished and listed
             return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
                                       finetune_epochs, started)
-        model = outcome.candidate
+        candidate = outcome.candidate
         teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"))
         if learner.searches and finetune_epochs > 0:
             log.info("fine-tuning the best candidate for %s epochs%s", finetune_epochs,
                      f", distilled from the baseline ({teacher.describe()})" if teacher else "")
-            model = learner.finetune(model, finetune_epochs, teacher=teacher)
+            candidate = learner.finetune(candidate, finetune_epochs, teacher=teacher)
             if teacher:
                 report["distillation"] = teacher.describe()
-        model = learner.finalize(model)
+        candidate = learner.finalize(candidate)
 
         missed = None
         if distributed.is_chief:
-            report["best"] = self._best_fields(learner, model, dataset, baseline, outcome)
+            report["best"] = self._best_fields(learner, candidate, dataset, baseline, outcome)
             report["best"]["target_check"], missed = check_shipped(config.target.requested(), report["best"])
             if missed:
                 report.update(status="target_not_met", reason=missed)
@@ -411,8 +342,9 @@ class Runner:
 
     def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,
                             dataset: Dataset) -> SearchOutcome:
+        learner.prepare(baseline_model)  # every rank, before anything else the learner does
         if not learner.searches:
-            candidate = learner.compress(baseline_model, self.options)
+            candidate = learner.compress(self.options)
             return SearchOutcome(candidate, dataclasses.asdict(self.options),
                                  {"completed": 0, "failed": 0, "pruned": 0})
         from hpo.search import run_search  # the optimizer arrives with the search issue
@@ -437,11 +369,12 @@ class Runner:
             return self.config.train.finetune_epochs
         return max(1.0, round(schedule.epochs * 0.2, 2))
 
-    def _best_fields(self, learner: Learner, model: tf.keras.Model, dataset: Dataset,
+    def _best_fields(self, learner: Learner, candidate: Candidate, dataset: Dataset,
                      baseline: Measurement, outcome: SearchOutcome,
                      directory: Optional[Path] = None) -> Dict[str, Any]:
-        """Save, export and measure ``model`` (into ``directory``, default the run directory)."""
+        """Save, export and measure a finalized candidate (into ``directory``, default the run directory)."""
         directory = directory or self.output_dir
+        model = candidate.model
         modes = ["float"] + ([self.config.export.quantize] if self.config.export.quantize != "none" else [])
         model_path = save_model(model, directory / "model.keras")
         if not learner.searches and not self.config.model and self.config.export.quantize == "none":
@@ -451,8 +384,8 @@ class Runner:
         best = measured.fields()
         best["model_path"] = str(model_path)
         best["hyperparameters"] = outcome.hyperparameters
-        best.update(learner.describe(model))
-        artifacts = learner.write_artifacts(model, directory)
+        best.update(learner.describe(candidate))
+        artifacts = learner.write_artifacts(candidate, directory)
         best.update(artifacts)
         shipped_bytes = artifacts.get("artifact_bytes", best["bytes"])
         base_bytes = baseline.fields()["bytes"]
@@ -502,30 +435,6 @@ class _sigint_deferred:
     def __exit__(self, *exc_info: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-
-
-def lock_directory(directory: Path):
-    """Hold an exclusive lock on ``directory/.lock`` for the life of this process.
-
-    The kernel drops the lock when the process dies (kill -9 included), so a dead run never
-    blocks ``--resume``; a live one makes a second run on the same directory refuse.
-    """
-    import fcntl
-
-    handle = open(directory / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise UserError(f"--output-dir '{directory}' is in use by a running job ({owner}); wait for it to "
-                        f"finish, or choose another --output-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{platform.node()}:{os.getpid()}\n")
-    handle.flush()
-    return handle
 
 
 def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:

@@ -177,7 +177,7 @@ def test_pretrained_resnet20_is_evaluated_as_published(tmp_path):
 
 
 def test_a_live_run_holds_its_output_directory(tmp_path, capsys):
-    from pocketflow.runner import lock_directory
+    from pocketflow.run_directory import lock_directory
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -86,7 +86,7 @@ def test_ctrl_c_before_the_search_writes_a_partial_report(tmp_path, capsys, monk
     assert report["status"] == "interrupted" and report["best"] is None and report["baseline"] is None
     assert report["trials"] == {"completed": 0, "failed": 0, "pruned": 0}
     # The lock is released: the same process (or another) may resume at once.
-    from pocketflow.runner import lock_directory
+    from pocketflow.run_directory import lock_directory
 
     lock_directory(out).close()
 
