@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="continue the run in --output-dir (finished trials are not run again)")
     general.add_argument("--seed", type=int, help="random seed for splits, training and search (default 0)")
     general.add_argument("-q", "--quiet", action="store_true", default=False, help="only warnings and the summary")
+    general.add_argument("--dry-run", action="store_true", default=False,
+                         help="print what would run and the resolved configuration, then exit (nothing is written)")
 
     model = parser.add_argument_group("model and data")
     model.add_argument("--net", help="built-in net: digits_cnn, lenet, resnet20/32/44/56, mobilenet_v1/v2 "
@@ -274,7 +276,8 @@ def _summary(report: Dict[str, Any]) -> List[str]:
                 details.append(f"{best['compression']:.2f}x smaller than the baseline's")
             if shipped["accuracy"] is not None:
                 details.append(f"test accuracy {100 * shipped['accuracy']:.2f}% measured on this file")
-            out.append(f"ship:     {os.path.join(run_directory, shipped['path'])} ({'; '.join(details)})")
+            path = (report.get("ship") or {}).get("file") or shipped["path"]
+            out.append(f"ship:     {os.path.join(run_directory, path)} ({'; '.join(details)})")
     pareto = report.get("pareto") or {}
     if pareto:
         chosen = (pareto.get("pick") or {}).get("trial")
@@ -341,7 +344,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = build_run_config(data, LEARNERS.names(), source)
         for name, section in config.learners.items():  # learner sections, with errors that name the file
             LEARNERS.get(name).parse_options(section, source)
-        report = Runner(config, resume=args.resume).run()
+        runner = Runner(config, resume=args.resume)
+        if args.dry_run:
+            print("\n".join(runner.plan()))
+            return 0
+        report = runner.run()
     except UserError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return error.exit_code

@@ -33,6 +33,7 @@ from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
 from pocketflow.run_directory import RunDirectory
+from pocketflow.shipping import write_ship_directory
 from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
 from hpo.targets import meets
@@ -104,7 +105,8 @@ class Runner:
         self.run_directory: Optional[RunDirectory] = None  # the chief's, once claimed
 
     # ------------------------------------------------------------------ set-up
-    def _prepare(self) -> None:
+    def _resolve(self) -> None:
+        """Everything decided from the configuration alone: no data read, no file written."""
         config = resolve_names(self.config)
         learner_class = LEARNERS.get(config.learner)
         learner_class.check_target(config.target)
@@ -125,10 +127,17 @@ class Runner:
         self.learner_class = learner_class.strategy(self.options, config.target)  # e.g. uniform below 8 bits
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
         self.config = dataclasses.replace(config, output_dir=str(output_dir))
-        self.distributed = self.distributed or make_context()
         self.output_dir = output_dir
+        net = NETS.get(self.config.net) if self.config.net else None
+        self.schedule = resolve_schedule(_schedule_for(net, self.config.data.name), self.config.train,
+                                         self.config.data)
+
+    def _prepare(self) -> None:
+        self._resolve()
+        config, output_dir = self.config, self.output_dir
+        self.distributed = self.distributed or make_context()
         if self.distributed.is_chief:
-            if learner_class.searches and config.hpo.storage:
+            if self.learner_class.searches and config.hpo.storage:
                 from hpo.storage import open_storage, study_lock, study_name
 
                 # An unusable --storage fails now, not after the baseline; under the study's lock, so
@@ -140,6 +149,48 @@ class Runner:
             write_atomic(output_dir / "config.yaml", self.config.to_yaml().encode())
             self.run_directory.open_log()
         self.distributed.barrier()
+
+    def plan(self) -> List[str]:
+        """``--dry-run``: what this run would do and the configuration it would record, every value
+        resolved; nothing is read, trained or written."""
+        from pocketflow.baseline import cache_directory, cache_key
+
+        self._resolve()
+        config, schedule, learner_class = self.config, self.schedule, self.learner_class
+        target = ", ".join(f"{kind} {value:g}" for kind, value in config.target.requested().items()) or "none"
+        lines = [f"learner:    {config.learner} ({learner_class.__name__}), target {target}"]
+        if config.model:
+            lines.append(f"baseline:   load {config.model}"
+                         + (f", then train it {schedule.epochs:g} epochs" if not learner_class.searches
+                            and schedule.epochs > 0 else ""))
+        else:
+            cached = cache_directory() / f"{cache_key(NETS.get(config.net), config.data, schedule, config.seed)}.keras"
+            use_cache = learner_class.searches and schedule.epochs > 0
+            lines.append(f"baseline:   {config.net} on {config.data.name}: "
+                         + (f"load the cached training {cached}" if use_cache and cached.exists() else
+                            f"train {schedule.epochs:g} epochs (batch {schedule.batch_size}, learning rate "
+                            f"{schedule.learning_rate:g}, {schedule.schedule})"))
+        if learner_class.searches:
+            lines.append(f"search:     up to {config.hpo.trials} trials, {config.hpo.sampler} sampler, objective "
+                         f"{config.hpo.objective}" + (f", stopping after {config.hpo.timeout:g} s"
+                                                       if config.hpo.timeout else ""))
+            epochs = self._finetune_epochs(schedule)
+            distilled = ", distilled from the baseline" if config.distillation.enabled is True else ""
+            finished = "every Pareto-front model" if config.hpo.objective == "pareto" else "the best candidate"
+            lines.append(f"fine-tune:  {finished} for {epochs:g} epochs{distilled}" if epochs > 0
+                         else "fine-tune:  none")
+        else:
+            lines.append("search:     none (this learner measures the baseline itself)")
+        export = config.export
+        lines.append("export:     " + ("none (no TFLite file, no latency)" if not export.tflite else
+                                      f"float TFLite{'' if export.quantize == 'none' else ' + ' + export.quantize}, "
+                                      f"latency over {export.latency_runs} runs on {export.threads} thread(s)"))
+        held = (self.output_dir / "config.yaml").exists() or (self.output_dir / "report.json").exists()
+        lines.append(f"output:     {self.output_dir}" + (" (holds a run: needs --resume)" if held and not self.resume
+                                                         else ""))
+        lines += ["", "configuration (config.yaml of the run; --config FILE repeats it):", "",
+                  self._resolved(schedule).to_yaml().rstrip()]
+        return lines
 
     # ------------------------------------------------------------------ stopping early
     def _write_interrupted_report(self, interrupt: KeyboardInterrupt) -> None:
@@ -237,7 +288,7 @@ class Runner:
                  dataset.num_train, dataset.num_validation, dataset.num_test, dataset.input_shape,
                  dataset.num_classes)
         net: Optional[NetSpec] = NETS.get(config.net) if config.net else None
-        schedule = resolve_schedule(_schedule_for(net, config.data.name), config.train, config.data)
+        schedule = self.schedule
         if distributed.is_chief:  # what runs, every value resolved: --config config.yaml repeats it
             write_atomic(self.output_dir / "config.yaml", self._resolved(schedule).to_yaml().encode())
             targets = self.learner_class.targets
@@ -307,6 +358,7 @@ class Runner:
             report["best"]["target_check"], missed = check_shipped(config.target.requested(), report["best"])
             if missed:
                 report.update(status="target_not_met", reason=missed)
+            report["ship"] = self._ship(report["best"], dataset, missed)
         report["seconds"] = time.time() - started
         if distributed.is_chief:
             write_report(self.output_dir, report)
@@ -329,6 +381,8 @@ class Runner:
             finished["best"]["target_check"], missed = check_shipped(self.config.target.requested(),
                                                                      finished["best"])
             reason = reason or missed
+            if self.distributed.is_chief:
+                report["ship"] = self._ship(finished["best"], dataset, missed)
         report.update(pareto=finished["pareto"], best=finished["best"], seconds=time.time() - started)
         if reason:
             report.update(status="target_not_met", reason=reason)
@@ -339,6 +393,13 @@ class Runner:
         if reason:
             raise TargetNotMetError(f"{reason}; every front model is in {self.output_dir / 'pareto.csv'}")
         return report
+
+    def _ship(self, best: Dict[str, Any], dataset: Dataset, missed: Optional[str]) -> Dict[str, Any]:
+        """ship/: the shipped file, its runtime TFLite file, predict.py and a README (pocketflow/shipping.py)."""
+        preprocess = getattr(dataset, "preprocess", None)
+        settings = ({"scale": preprocess.scale, "mean": preprocess.mean, "std": preprocess.std}
+                    if preprocess is not None else {"scale": 1.0})
+        return write_ship_directory(self.output_dir, best, settings, missed)
 
     def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,
                             dataset: Dataset) -> SearchOutcome:

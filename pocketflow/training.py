@@ -223,6 +223,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
         if step_index == 0:
             # Every rank starts from rank 0's weights (and optimizer slots).
             distributed.broadcast_variables(model.variables + optimizer.variables())
+            first_step_done = time.time()  # the first step traces the graph: the ETA leaves it out
         if after_step is not None:
             after_step()
         if not math.isfinite(loss):
@@ -233,8 +234,9 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
             last_note = time.time()
             done = (step_index + 1) / total_steps
             elapsed = last_note - started
+            eta = (last_note - first_step_done) / max(step_index, 1) * (total_steps - step_index - 1)
             log.info("%s step %d/%d (%.0f%%) loss %.4f  elapsed %.0fs  eta %.0fs", description, step_index + 1,
-                     total_steps, 100 * done, float(np.mean(epoch_losses)), elapsed, elapsed / done - elapsed)
+                     total_steps, 100 * done, float(np.mean(epoch_losses)), elapsed, eta)
         last_step = step_index + 1 == total_steps
         if (step_index + 1) % steps_per_epoch == 0 or last_step:
             epoch += 1

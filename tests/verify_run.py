@@ -49,6 +49,7 @@ def assert_report_matches_files(run_dir: Path) -> dict:
         kernels = [w.numpy() for layer in model.layers for w in layer.weights if "kernel" in w.name]
         zeros = sum(int((k == 0).sum()) for k in kernels)
         assert zeros >= best["sparsity"] * best.get("prunable_weights", 0) - 1
+    assert_ship_directory(run_dir, report, dataset)
     # The target is re-checked on what ships; a completed run meets every requested kind it can check.
     check = best["target_check"]
     assert set(check) == set(report["target"])
@@ -72,3 +73,37 @@ def assert_search_summary_matches_trials(run_dir: Path) -> None:
                 if row["state"] == "COMPLETE" and row["feasible"] == "True"]
     assert search["feasible_trials"] == len(feasible)
     assert search["best_validation_accuracy"] == pytest.approx(max(feasible))
+
+
+def assert_ship_directory(run_dir: Path, report: dict, dataset) -> None:
+    """ship/ holds the measured file byte for byte, and its predict.py, run in a fresh process on the
+    raw test images, scores what our evaluator scores on that TFLite file."""
+    import filecmp
+    import subprocess
+    import sys
+    import tempfile
+
+    from pocketflow.shipping import runtime_path
+
+    best, ship = report["best"], report["ship"]
+    assert all((run_dir / name).exists() for name in ship["files"]), ship
+    measured = Path(best.get("artifact_path") or best.get("tflite_path") or best["model_path"])
+    measured = measured if measured.is_absolute() else run_dir / measured
+    assert filecmp.cmp(run_dir / ship["file"], measured, shallow=False)
+    if not ship["runtime_file"] or not hasattr(dataset, "_x_test"):
+        return
+    runtime = Path(runtime_path(best))
+    runtime = runtime if runtime.is_absolute() else run_dir / runtime
+    assert filecmp.cmp(run_dir / ship["runtime_file"], runtime, shallow=False)
+    images, labels = dataset.test_arrays()
+    expected = tflite_accuracy(TFLiteModel(runtime), images, labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "raw.npy", dataset._x_test)  # noqa: SLF001 - the raw pixels a user has
+        script = (f"import sys, numpy as np; sys.path.insert(0, {str(run_dir / 'ship')!r})\n"
+                  f"from predict import predict\n"
+                  f"np.save({str(Path(tmp) / 'scores.npy')!r}, predict(np.load({str(Path(tmp) / 'raw.npy')!r})))\n")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              cwd=tmp)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores = np.load(Path(tmp) / "scores.npy")
+    assert float(np.mean(np.argmax(scores, axis=-1) == labels)) == pytest.approx(expected, abs=1e-9)

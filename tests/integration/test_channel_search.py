@@ -56,7 +56,7 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
     assert "trial  19  [20/20]" in result.stderr  # one progress line per trial
     # The last line names the file to deploy, with its size and the accuracy measured on it.
     ship = result.stdout.strip().splitlines()[-1]
-    assert ship.startswith(f"ship:     {out / 'model.tflite'} ({best['bytes'] / 1024:.1f} KB"), ship
+    assert ship.startswith(f"ship:     {out / 'ship' / 'model.tflite'} ({best['bytes'] / 1024:.1f} KB"), ship
     assert f"test accuracy {100 * best['tflite_accuracy']:.2f}% measured on this file" in ship
     assert_search_summary_matches_trials(out)
     reference = json.loads(rows[0]["params"])  # the uniform reference: every group proposed at one ratio

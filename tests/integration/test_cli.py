@@ -52,6 +52,34 @@ def test_learner_help_lists_every_key_of_its_section(capsys):
     assert "unknown learner 'chanel'" in capsys.readouterr().err
 
 
+DRY_RUN_TARGETS = {"channel": ["--target-speedup", "2"], "weight-sparse": ["--target-sparsity", "0.5"],
+                   "uniform": ["--target-bits", "8"], "non-uniform": ["--target-bits", "4"],
+                   "product-quant": ["--target-compression", "10"], "full-prec": []}
+
+
+def test_dry_run_prints_the_plan_and_the_resolved_config_and_writes_nothing(tmp_path, capsys):
+    """Every learner: what would run and the configuration it would record, every value resolved
+    (the net's schedule filled in), then exit 0 with no run directory; bad input still fails."""
+    import yaml
+
+    from learners import LEARNERS
+
+    assert set(DRY_RUN_TARGETS) == set(LEARNERS.names())
+    for name, target in DRY_RUN_TARGETS.items():
+        out = tmp_path / name
+        assert main(["--learner", name, *target, "--dry-run", "--output-dir", str(out)]) == 0
+        shown = capsys.readouterr().out
+        plan, configuration = shown.split("configuration (config.yaml of the run", 1)
+        assert f"learner:    {name} " in plan and "baseline:   digits_cnn on digits" in plan
+        assert ("search:     up to 20 trials" in plan) == LEARNERS.get(name).searches
+        recorded = yaml.safe_load(configuration.split("\n", 2)[2])
+        assert recorded["learner"] == name and recorded["output_dir"] == str(out)
+        assert all(recorded["train"][key] is not None for key in ("epochs", "batch_size", "learning_rate"))
+        assert not out.exists()
+    assert main(["--learner", "channel", "--target-speedup", "0.5", "--dry-run"]) == 2  # still validated
+    assert "target.speedup" in capsys.readouterr().err
+
+
 def test_a_search_without_a_target_says_so(tmp_path, capsys):
     assert main(["--learner", "channel", "--trials", "1", "--finetune-epochs", "0", "--export", "none",
                  "--output-dir", str(tmp_path / "run"), "-q"]) == 0
