@@ -189,6 +189,7 @@ class Search:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> SearchOutcome:
+        self.learner.prepare(self.baseline)  # the runner did already; free when it did
         reachable = self.learner.reachable()
         unreachable = {k: v for k, v in self.requested.items() if k in reachable and not meets({k: v}, reachable)}
         if unreachable:

@@ -125,6 +125,10 @@ def write_ship_directory(run_dir: Path, best: Dict[str, Any], preprocess: Dict[s
     if shipped is None and keras_model is not None:  # --export none: the Keras model is what there is
         shipped = _copy(keras_model, directory)
         files.append(shipped)
+    if shipped is None:  # nothing was written for this result (no model file, no export)
+        write_atomic(directory / "README.md", b"# What to deploy\n\nNo file was written for this result.\n")
+        return {"directory": SHIP_DIRECTORY, "file": None, "format": None, "runtime_file": None,
+                "files": [f"{SHIP_DIRECTORY}/README.md"]}
     lines = _readme(best, shipped_format, shipped, runtime_file)
     if missed:
         lines[1:1] = ["", f"**This result misses the target**: {missed}."]

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from hpo.search import run_search
 from hpo.storage import WORKER_ATTRIBUTE, counts, default_storage_url, open_storage
-from learners.base import Learner, LearnerContext
+from learners.base import Candidate, Learner, LearnerContext
 from nets import NETS
 from pocketflow.config import DataConfig, HpoConfig, RunConfig, TargetConfig
 from pocketflow.data import load_dataset
@@ -41,23 +41,21 @@ class StubLearner(Learner):
     def search_space(self, trial):
         return StubConfig(ratio=trial.suggest_float("ratio", 0.1, 1.0))
 
-    def compress(self, model, hparams):
-        return model
+    def compress(self, hparams):
+        return Candidate(self.baseline, hparams, state=hparams.ratio)
 
-    def candidate_metrics(self, model):
-        return {"macs": 1.0, "speedup": 1.0 / self.current_ratio}
+    def candidate_metrics(self, candidate):
+        return {"macs": 1.0, "speedup": 1.0 / candidate.state}
 
     def reference_params(self):
         return {"ratio": 0.5}
 
-    def reachable(self, baseline):
+    def reachable(self):
         return {"speedup": 10.0}
 
 
 class RatioLearner(StubLearner):
-    def compress(self, model, hparams):
-        self.current_ratio = hparams.ratio
-        return model
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,7 @@ def test_no_feasible_trial_gives_no_candidate(tmp_path, setting):
     dataset, model = setting
 
     class Never(RatioLearner):
-        def candidate_metrics(self, model):
+        def candidate_metrics(self, candidate):
             return {"macs": 1.0, "speedup": 1.5}
 
     learner = Never(StubConfig(), make_learner(dataset, model).context)

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from hpo.search import run_search
 from hpo.storage import WORKER_ATTRIBUTE, default_storage_url, open_storage
-from learners.base import Learner, LearnerContext
+from learners.base import Candidate, Learner, LearnerContext
 from nets import NETS
 from pocketflow.config import DataConfig, HpoConfig, RunConfig, TargetConfig
 from pocketflow.data import load_dataset
@@ -53,7 +53,6 @@ class TwoRatioLearner(Learner):
         super().__init__(options, context)
         self.cut = cut  # (trial number, "suggest" | "evaluate", KeyboardInterrupt | Killed)
         self.asked = -1
-        self.current = Ratios(1.0, 1.0)
 
     def _maybe_cut(self, where: str) -> None:
         if self.cut and self.cut[0] == self.asked and self.cut[1] == where:
@@ -68,13 +67,12 @@ class TwoRatioLearner(Learner):
             self._maybe_cut("suggest")
         return Ratios(first, trial.suggest_float("second", 0.2, 1.0))
 
-    def compress(self, model, hparams):
+    def compress(self, hparams):
         self._maybe_cut("evaluate")
-        self.current = hparams
-        return model
+        return Candidate(self.baseline, hparams)
 
-    def candidate_metrics(self, model):
-        return {"macs": 1.0, "speedup": 1.0 / (self.current.first * self.current.second)}
+    def candidate_metrics(self, candidate):
+        return {"macs": 1.0, "speedup": 1.0 / (candidate.hparams.first * candidate.hparams.second)}
 
     def reference_params(self):
         return {"first": 0.7, "second": 0.7}
