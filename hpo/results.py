@@ -9,7 +9,7 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -86,7 +86,8 @@ def largest_reached(study: optuna.Study) -> Dict[str, float]:
     return reached
 
 
-def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: str) -> Dict[str, Any]:
+def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: str,
+            validation_images: Optional[int] = None, plots: Sequence[str] = ()) -> Dict[str, Any]:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     feasible = [t for t in completed if t.user_attrs.get("feasible")]
     reference = [t for t in completed if t.user_attrs.get("reference")]
@@ -98,17 +99,24 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
         "sampler": type(study.sampler).__name__,
         "feasible_trials": len(feasible),
         "best_validation_accuracy": accuracy_of(best) if best else None,
+        "best_trial": best.number if best else None,
         "reference_validation_accuracy": accuracy_of(reference[0]) if reference else None,
         "largest_reached": largest_reached(study),
         # What one trial costs (compress + score, BatchNorm re-estimation included), over the
         # completed trials of the study (earlier sessions' too, when resumed).
         "median_trial_seconds": round(statistics.median(seconds), 2) if seconds else None,
         "trials_csv": "trials.csv",
+        # What one validation image is worth: differences below it are ties, not rankings.
+        "validation_images": validation_images,
+        "plots": list(plots),
     }
 
 
-def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, float]) -> List[str]:
-    """search_history.png and accuracy_vs_speedup.png (or vs the requested target quantity)."""
+def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, float],
+                validation_images: Optional[int] = None) -> List[str]:
+    """search_history.png and accuracy_vs_speedup.png (or vs the requested target quantity): the
+    reference trial and the shipped one marked, whole-number trial ticks, and what one validation
+    image is worth written on the plot (a one-image difference is not a better candidate)."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return []
@@ -116,8 +124,24 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
+    resolution = (f"{validation_images:,} validation images: one image = {100 / validation_images:.2g} points"
+                  if validation_images else "")
+    feasible_trials = [t for t in completed if t.user_attrs.get("feasible")]
+    single = len(study.directions) == 1  # a Pareto study ships the pick of its front, marked in pareto.png
+    shipped = max(feasible_trials, key=lambda t: (accuracy_of(t), -t.number)) if feasible_trials and single else None
+    reference = next((t for t in completed if t.user_attrs.get("reference")), None)
+
+    def mark(axis, x_of) -> None:
+        """Rings for the reference trial and a star for the shipped one (when they have an x value)."""
+        for trial, style in ((reference, dict(marker="o", s=160, facecolors="none", edgecolors="tab:green",
+                                                label="reference trial")),
+                             (shipped, dict(marker="*", s=220, color="gold", edgecolors="black",
+                                            label="shipped trial", zorder=3))):
+            if trial is not None and x_of(trial) is not None:
+                axis.scatter([x_of(trial)], [accuracy_of(trial)], **style)
     numbers = [t.number for t in completed]
     values = [accuracy_of(t) for t in completed]
     feasible = [bool(t.user_attrs.get("feasible")) for t in completed]
@@ -128,16 +152,21 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
         best_so_far.append(best if best > float("-inf") else None)
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.scatter([n for n, ok in zip(numbers, feasible) if ok], [v for v, ok in zip(values, feasible) if ok],
-                 label="meets target", color="tab:blue")
-    axis.scatter([n for n, ok in zip(numbers, feasible) if not ok], [v for v, ok in zip(values, feasible) if not ok],
-                 label="misses target", color="tab:red", marker="x")
+    if any(feasible):
+        axis.scatter([n for n, ok in zip(numbers, feasible) if ok], [v for v, ok in zip(values, feasible) if ok],
+                     label="meets target", color="tab:blue")
+    if not all(feasible):
+        axis.scatter([n for n, ok in zip(numbers, feasible) if not ok],
+                     [v for v, ok in zip(values, feasible) if not ok], label="misses target", color="tab:red",
+                     marker="x")
     axis.step(numbers, [b if b is not None else float("nan") for b in best_so_far], where="post",
               label="best so far", color="black")
+    mark(axis, lambda trial: trial.number)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("trial")
     axis.set_ylabel("validation accuracy")
-    axis.set_title("search history")
-    axis.legend(loc="lower right")
+    axis.set_title("search history" + (f"\n({resolution})" if resolution else ""), fontsize=10)
+    axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
     _save(figure, output_dir / "search_history.png")
     written.append("search_history.png")
@@ -147,16 +176,20 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
               if t.user_attrs.get(quantity) is not None]
     if points:
         figure, axis = plt.subplots(figsize=(6, 4))
-        axis.scatter([p[0] for p in points if p[2]], [p[1] for p in points if p[2]], label="meets target",
-                     color="tab:blue")
-        axis.scatter([p[0] for p in points if not p[2]], [p[1] for p in points if not p[2]],
-                     label="misses target", color="tab:red", marker="x")
+        if any(p[2] for p in points):
+            axis.scatter([p[0] for p in points if p[2]], [p[1] for p in points if p[2]], label="meets target",
+                         color="tab:blue")
+        if not all(p[2] for p in points):
+            axis.scatter([p[0] for p in points if not p[2]], [p[1] for p in points if not p[2]],
+                         label="misses target", color="tab:red", marker="x")
+        mark(axis, lambda trial: trial.user_attrs.get(quantity))
         if quantity in requested:
             axis.axvline(requested[quantity], color="gray", linestyle="--", label=f"target {requested[quantity]:g}")
         axis.set_xlabel(quantity)
         axis.set_ylabel("validation accuracy")
-        axis.set_title(f"validation accuracy vs {quantity}, every trial")
-        axis.legend(loc="lower left")
+        axis.set_title(f"validation accuracy vs {quantity}, every trial" + (f"\n({resolution})" if resolution else ""),
+                       fontsize=10)
+        axis.legend(loc="best", fontsize=8)
         figure.tight_layout()
         name = f"accuracy_vs_{quantity}.png"
         _save(figure, output_dir / name)

@@ -108,6 +108,9 @@ class Search:
         log.info("study '%s' in %s: %s", name, display_url(url), _format_counts(counts(study)))
         return study
 
+    def _validation_images(self) -> Optional[int]:
+        return getattr(self.learner.context.dataset, "num_validation", None)
+
     def _lock(self) -> contextlib.AbstractContextManager:
         return study_lock(self.storage_url, self.study_name)
 
@@ -319,8 +322,9 @@ class Search:
             state = {k: full[k] for k in ("completed", "failed", "pruned")}
             best = self._best_trial()
             results.write_trials(self.study, self.output_dir, self.requested)
-            results.write_plots(self.study, self.output_dir, self.requested)
-            details = results.summary(self.study, self.requested, display_url(self.storage_url))
+            plots = results.write_plots(self.study, self.output_dir, self.requested, self._validation_images())
+            details = results.summary(self.study, self.requested, display_url(self.storage_url),
+                                      self._validation_images(), plots)
             if best is not None:
                 decision = {"params": best.params, "number": best.number,
                             "hyperparameters": best.user_attrs.get("hyperparameters", {})}
@@ -347,8 +351,9 @@ class Search:
             full = counts(self.study)
             state = {k: full[k] for k in ("completed", "failed", "pruned")}
             results.write_trials(self.study, self.output_dir, self.requested)
-            results.write_plots(self.study, self.output_dir, self.requested)
-            details = results.summary(self.study, self.requested, display_url(self.storage_url))
+            plots = results.write_plots(self.study, self.output_dir, self.requested, self._validation_images())
+            details = results.summary(self.study, self.requested, display_url(self.storage_url),
+                                      self._validation_images(), plots)
             front, points = pareto.front_decisions(self.study, self.config.pareto)
             details.update(pareto_points=points,
                            pareto_candidates=[member["number"] for member in front if not member.get("reserve")])

@@ -133,8 +133,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
             line += f"; the uniform reference trial reached {_percent(search['reference_validation_accuracy'])}"
         if search.get("median_trial_seconds") is not None:
             line += f"; a trial took {search['median_trial_seconds']:.1f} s (median)"
+        if search.get("validation_images"):
+            line += (f". The validation split has {search['validation_images']:,} images, so one image is "
+                     f"{100 / search['validation_images']:.2g} points: smaller differences are ties")
         lines += ["", line + f". Every trial: `{search.get('trials_csv', 'trials.csv')}`; study "
                               f"'{search.get('study_name')}' in `{search.get('storage')}`."]
+        lines += [item for name in search.get("plots") or [] for item in ("", f"![{name}]({name})")]
     for section in (best or {}).get("report_sections") or []:  # what the learner adds (Learner.describe)
         lines += ["", section["title"] + ":", ""] + [f"- {line}" for line in section["lines"]]
     if report.get("distillation"):
