@@ -251,9 +251,9 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _summary(report: Dict[str, Any]) -> List[str]:
+def summary_lines(report: Dict[str, Any]) -> List[str]:
     """The last lines of a run: the baseline, the result, and the file to deploy with its figures."""
-    from pocketflow.report import shipped_file
+    from pocketflow.runs import shipped_file
 
     baseline, best = report.get("baseline") or {}, report.get("best") or {}
     run_directory = os.path.dirname(report["config_path"])
@@ -312,11 +312,39 @@ def _learner_help(argv: List[str]) -> Optional[str]:
             f"section of a --config file (configs/template.yaml lists every section):\n\n{section}")
 
 
+def _run_command(argv: List[str]) -> int:
+    """``show RUN`` and ``compare RUN...``: a finished run's figures from its report.json."""
+    from pocketflow import runs
+    from pocketflow.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="pocketflow", allow_abbrev=False,
+                                     description="Read finished runs (their report.json); nothing is measured again.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("show", help="one run's figures and what it ships").add_argument("run_dir")
+    commands.add_parser("compare", help="several runs side by side, one row each").add_argument("run_dirs", nargs="+")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        lines = runs.show(args.run_dir) if args.command == "show" else runs.compare(args.run_dirs)
+    except UserError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return error.exit_code
+    print("\n".join(lines))
+    return 0
+
+
+RUN_COMMANDS = ("show", "compare")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pocketflow.errors import UserError  # no TensorFlow behind it
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in RUN_COMMANDS:
+        return _run_command(argv)
     try:
         learner_help = _learner_help(argv)
     except UserError as error:  # an unknown learner: the same one line as without --help
@@ -364,6 +392,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted" + (f": {note}" if note else ""), file=sys.stderr)
         return 130
     if report.get("best") is not None or report.get("baseline") is not None:
-        for line in _summary(report):
+        for line in summary_lines(report):
             print(line)
     return 0

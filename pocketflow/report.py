@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pocketflow.export import write_atomic
+from pocketflow.runs import shipped_file  # noqa: F401  (part of this module's API)
 
 
 def _clean(value: Any) -> Any:
@@ -27,17 +28,6 @@ def write_report(directory: Path, report: Dict[str, Any]) -> None:
     report = _clean(report)
     write_atomic(directory / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     write_atomic(directory / "report.md", render_markdown(report).encode())
-
-
-def shipped_file(best: Dict[str, Any]) -> Dict[str, Any]:
-    """What ships: the learner's own file where it has one (sparse container, packed low-bit or
-    codebook file), else the TFLite file (the Keras model with --export none); its path (relative
-    to the run directory, or absolute), bytes, and accuracy as measured on that file."""
-    accuracy = next((best[key] for key in ("artifact_accuracy", "tflite_accuracy", "accuracy")
-                     if best.get(key) is not None), None)
-    return {"path": best.get("artifact_path") or best.get("tflite_path") or best.get("model_path"),
-            "bytes": best.get("artifact_bytes", best.get("bytes")),
-            "accuracy": None if accuracy is None else float(accuracy)}
 
 
 def _percent(value: Optional[float]) -> str:

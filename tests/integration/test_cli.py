@@ -160,6 +160,19 @@ def test_full_precision_default_job_trains_exports_and_reports(tmp_path):
     # The same directory again is refused rather than overwritten.
     again = run_main("--learner=full-prec", "--output-dir", str(out))
     assert again.returncode == 2 and "already holds a run" in again.stderr
+    # show / compare read the report back, without TensorFlow (a fresh process checks that).
+    shown = subprocess.run([sys.executable, "-c", "import sys; from pocketflow.cli import main; code = main(sys.argv[1:]);"
+                            " assert 'tensorflow' not in sys.modules; sys.exit(code)", "show", str(out)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "learner:  full-prec on digits_cnn (digits), target none; status completed" in shown.stdout
+    assert f"ship:     {out / 'ship' / Path(best['tflite_path']).name}" in shown.stdout  # baseline.tflite here
+    compared = run_main("compare", str(out), str(out))
+    rows = compared.stdout.strip().splitlines()
+    assert compared.returncode == 0 and len(rows) == 3 and rows[0].startswith("run ")
+    assert f"{100 * best['tflite_accuracy']:.2f}%" in rows[1] and "+0.00" in rows[1]
+    missing = run_main("show", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "holds no report.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_config_yaml_repeats_the_run(tmp_path, capsys):

@@ -1,0 +1,82 @@
+"""``pocketflow show RUN`` and ``pocketflow compare RUN...``: a finished run's figures, read from its
+report.json (no TensorFlow is imported, nothing is measured again)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pocketflow.errors import UserError
+
+
+def load_report(run_dir: str) -> Dict[str, Any]:
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise UserError(f"'{run_dir}' holds no report.json; pass a run directory (the --output-dir of a run)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg}); was the run killed while writing it?") from None
+
+
+def shipped_file(best: Dict[str, Any]) -> Dict[str, Any]:
+    """What ships: the learner's own file where it has one (sparse container, packed low-bit or
+    codebook file), else the TFLite file (the Keras model with --export none); its path (relative
+    to the run directory, or absolute), bytes, and accuracy as measured on that file."""
+    accuracy = next((best[key] for key in ("artifact_accuracy", "tflite_accuracy", "accuracy")
+                     if best.get(key) is not None), None)
+    return {"path": best.get("artifact_path") or best.get("tflite_path") or best.get("model_path"),
+            "bytes": best.get("artifact_bytes", best.get("bytes")),
+            "accuracy": None if accuracy is None else float(accuracy)}
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if not value else f"{value:.2f}x"
+
+
+def _target(report: Dict[str, Any]) -> str:
+    return ", ".join(f"{kind} {value:g}" for kind, value in (report.get("target") or {}).items()) or "none"
+
+
+def show(run_dir: str) -> List[str]:
+    """The key figures of one run, in the words of the run's own last lines."""
+    from pocketflow.cli import summary_lines
+
+    report = load_report(run_dir)
+    trials = report.get("trials") or {}
+    lines = [f"learner:  {report.get('learner')} on {report.get('net')} ({report.get('dataset')}), target "
+             f"{_target(report)}; status {report.get('status')}"
+             + (f" ({report['reason']})" if report.get("reason") else ""),
+             f"trials:   {trials.get('completed', 0)} completed, {trials.get('failed', 0)} failed"]
+    search = report.get("search") or {}
+    if search.get("best_validation_accuracy") is not None:
+        lines.append(f"search:   best validation accuracy {_percent(search['best_validation_accuracy'])} (trial "
+                     f"#{search.get('best_trial')}), reference {_percent(search.get('reference_validation_accuracy'))}"
+                     + (f", {search['median_trial_seconds']:.1f} s per trial (median)"
+                        if search.get("median_trial_seconds") is not None else ""))
+    return lines + summary_lines(report)
+
+
+def compare(run_dirs: List[str]) -> List[str]:
+    """One row per run: what a reader compares first (accuracy change, speedup, size, latency)."""
+    header = ["run", "learner", "target", "status", "test accuracy", "change (pts)", "MAC speedup",
+              "latency ratio", "compression", "shipped KB"]
+    rows = [header]
+    for run_dir in run_dirs:
+        report = load_report(run_dir)
+        best = report.get("best") or {}
+        delta = best.get("accuracy_delta")
+        shipped = best.get("artifact_bytes", best.get("bytes"))
+        accuracy = next((best[key] for key in ("artifact_accuracy", "tflite_accuracy", "accuracy")
+                         if best.get(key) is not None), None)
+        rows.append([run_dir, str(report.get("learner")), _target(report), str(report.get("status")),
+                     _percent(accuracy), "-" if delta is None else f"{100 * delta:+.2f}", _ratio(best.get("speedup")),
+                     _ratio(best.get("latency_speedup")), _ratio(best.get("compression")),
+                     "-" if shipped is None else f"{shipped / 1024:.1f}"])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
