@@ -251,41 +251,6 @@ def _configure_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def summary_lines(report: Dict[str, Any]) -> List[str]:
-    """The last lines of a run: the baseline, the result, and the file to deploy with its figures."""
-    from pocketflow.runs import shipped_file
-
-    baseline, best = report.get("baseline") or {}, report.get("best") or {}
-    run_directory = os.path.dirname(report["config_path"])
-    out = [f"run directory: {run_directory}"]
-    if baseline:
-        out.append(f"baseline: test accuracy {100 * baseline['accuracy']:.2f}%, {baseline['macs']:,} MACs, "
-                   f"{baseline['params']:,} params")
-    if best:
-        def ratio(key: str, text: str) -> str:  # nothing for the baseline itself (full-prec)
-            return f" ({best[key]:.2f}x {text})" if best.get(key) and f"{best[key]:.2f}" != "1.00" else ""
-
-        line = f"result:   test accuracy {100 * best['accuracy']:.2f}%, {best['macs']:,} MACs" + ratio("speedup", "fewer")
-        if best.get("tflite_latency_ms"):
-            line += f", TFLite {best['tflite_latency_ms']:.3f} ms" + ratio("latency_speedup", "faster")
-        out.append(line)
-        shipped = shipped_file(best)
-        if shipped["path"]:
-            details = [f"{shipped['bytes'] / 1024:.1f} KB"] if shipped["bytes"] else []
-            if best.get("compression") and f"{best['compression']:.2f}" != "1.00":
-                details.append(f"{best['compression']:.2f}x smaller than the baseline's")
-            if shipped["accuracy"] is not None:
-                details.append(f"test accuracy {100 * shipped['accuracy']:.2f}% measured on this file")
-            path = (report.get("ship") or {}).get("file") or shipped["path"]
-            out.append(f"ship:     {os.path.join(run_directory, path)} ({'; '.join(details)})")
-    pareto = report.get("pareto") or {}
-    if pareto:
-        chosen = (pareto.get("pick") or {}).get("trial")
-        out.append(f"pareto:   {pareto.get('models')} non-dominated models in pareto.csv and pareto.png"
-                   + (f"; result = trial {chosen}" if chosen is not None else ""))
-    return out
-
-
 def _one_line(error: BaseException) -> str:
     """User errors are one line, whatever a library put into the message."""
     return " ".join(str(error).splitlines()) or type(error).__name__
@@ -392,6 +357,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted" + (f": {note}" if note else ""), file=sys.stderr)
         return 130
     if report.get("best") is not None or report.get("baseline") is not None:
+        from pocketflow.runs import summary_lines
+
         for line in summary_lines(report):
             print(line)
     return 0

@@ -133,8 +133,8 @@ def test_every_file_a_run_writes_goes_through_an_atomic_writer():
     direct_write = re.compile(r"\.write_(text|bytes)\(|\bopen\([^)]*['\"][wax]b?\+?['\"]|savefig\((?!buffer)"
                               r"|np\.save(z|z_compressed)?\((?!buffer)|\bmodel\.save\(")
     allowed = {("pocketflow/export.py", "os.fdopen"),  # write_atomic itself
-               ("pocketflow/runner.py", "probe.write_bytes"),  # the writability probe (removed at once)
-               ("pocketflow/runner.py", '".lock"'),  # the directory lock
+               ("pocketflow/run_directory.py", "probe.write_bytes"),  # the writability probe (removed at once)
+               ("pocketflow/run_directory.py", '".lock"'),  # the directory lock
                ("hpo/storage.py", ".lock"),  # the study lock
                ("pocketflow/model_io.py", "model.save(temporary")}  # save_model: temporary dir + rename
     offenders = []
