@@ -50,6 +50,7 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.held_a_run = False  # it held a run before this one started (a resume): never clean it up
+        self.claimed = False  # only a claimed directory is ever cleaned up or written to
         self._existing: Set[str] = set()
         self._lock: Optional[IO[str]] = None
         self._log_handler: Optional[logging.Handler] = None
@@ -78,6 +79,7 @@ class RunDirectory:
                 shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         self._existing = set(os.listdir(directory))  # what this run must never remove
         self.held_a_run = finished
+        self.claimed = True
 
     def open_log(self) -> None:
         """Everything logged from now on goes to ``run.log`` too."""
@@ -90,7 +92,7 @@ class RunDirectory:
         """Bad input (or a diverging baseline) before any trial finished: remove what this run wrote
         (config.yaml, baseline files, an empty study), so the directory does not look like it holds a
         run and the corrected command can be run there again. run.log stays, for the record."""
-        if self.held_a_run:  # a resumed run's files are kept
+        if not self.claimed or self.held_a_run:  # another run's directory, or a resumed run's files: kept
             return
         try:
             created = set(os.listdir(self.path)) - self._existing

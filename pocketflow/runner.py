@@ -199,7 +199,7 @@ class Runner:
         The search has already marked its current trial failed ('interrupted') and saved the study;
         ``--resume`` runs that trial again and goes on.
         """
-        if self.run_directory is None:
+        if self.run_directory is None or not self.run_directory.claimed:
             return
         partial = self._partial
         trials = getattr(interrupt, "trials", None) or partial.get("trials") or \

@@ -222,6 +222,8 @@ def test_a_live_run_holds_its_output_directory(tmp_path, capsys):
 
     out = tmp_path / "busy"
     out.mkdir()
+    (out / "config.yaml").write_text("learner: full-prec\n")  # the live run's files (no trial finished yet)
+    (out / "baseline.keras").write_bytes(b"weights")
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; h = open(sys.argv[1], 'a+'); "
                                "fcntl.flock(h, fcntl.LOCK_EX); h.write('host:4242'); h.flush(); "
                                "print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
@@ -231,6 +233,10 @@ def test_a_live_run_holds_its_output_directory(tmp_path, capsys):
         code = main(["--epochs", "0", "--output-dir", str(out), "-q", "--resume"])
         assert code == 2
         assert "is in use by a running job (host:4242)" in capsys.readouterr().err
+        # the refused run removed nothing of the live one's, and did not write into its directory
+        assert {p.name for p in out.iterdir()} == {".lock", "config.yaml", "baseline.keras"}
+        code = main(["--epochs", "0", "--output-dir", str(out), "-q"])  # without --resume: refused as well
+        assert code == 2 and {p.name for p in out.iterdir()} == {".lock", "config.yaml", "baseline.keras"}
     finally:
         holder.kill()
         holder.wait()
