@@ -216,7 +216,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
                          shard=distributed.shard(), repeat=True)
     losses: List[float] = []
     epoch_losses: List[float] = []
-    started = last_note = time.time()
+    started = last_note = last_epoch_note = time.time()
     epoch = 0
     for step_index, (images, labels) in enumerate(batches.take(total_steps)):
         loss = float(step(images, labels))
@@ -244,9 +244,13 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
             losses.append(mean_loss)
             epoch_losses = []
             if distributed.is_chief:
-                elapsed = time.time() - started
-                log.info("%s epoch %d/%s loss %.4f (%.0fs)", description, epoch,
-                         _format_epochs(schedule.epochs), mean_loss, elapsed)
+                # Short epochs would flood the console: an epoch line at most every PROGRESS_SECONDS
+                # (and the first and the last); the others go to the debug log.
+                now = time.time()
+                shown = epoch == 1 or last_step or now - last_epoch_note >= PROGRESS_SECONDS
+                last_epoch_note = now if shown else last_epoch_note
+                log.log(logging.INFO if shown else logging.DEBUG, "%s epoch %d/%s loss %.4f (%.0fs)", description,
+                        epoch, _format_epochs(schedule.epochs), mean_loss, now - started)
     distributed.average_variables(model.non_trainable_variables)  # BatchNorm statistics: one value on every rank
     return losses
 

@@ -98,9 +98,10 @@ class ChannelPruningLearner(Learner):
                 raise ConfigError(f"channel.protect names {unknown}, which are not prunable groups; "
                                   f"prunable: {', '.join(self._analysis.groups)}")
             summary = self._analysis.summary()
-            log.info("channel analysis: %d prunable groups, %d frozen producers, %d barriers; "
-                     "MACs %s, floor %s", len(self._analysis.groups), len(summary["frozen"]),
-                     len(summary["barriers"]), f"{summary['total_macs']:,}", f"{summary['min_macs']:,}")
+            log.info("channel analysis: %d groups of channels can be pruned, %d layers keep their width, %d layers "
+                     "block the analysis (report.md lists them); %s MACs, at least %s after pruning",
+                     len(self._analysis.groups), len(summary["frozen"]), len(summary["barriers"]),
+                     f"{summary['total_macs']:,}", f"{summary['min_macs']:,}")
         return self._analysis
 
     def _groups(self, model: tf.keras.Model) -> Dict[str, int]:
@@ -266,8 +267,8 @@ class ChannelPruningLearner(Learner):
         if left > STALE_BATCHNORM_FRACTION:
             done = recalibrate_batchnorm(model, self.context.dataset, BATCHNORM_BATCHES, schedule.batch_size,
                                          seed=self.context.seed)
-            log.info("fine-tuning took %d steps (%.0f%% of BatchNorm's old statistics left): re-estimated them "
-                     "from %d training batches", steps, 100 * left, done)
+            log.info("fine-tuning took %d steps, too few for BatchNorm's running statistics to settle: "
+                     "re-estimated them from %d training batches", steps, done)
 
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         analysis = self.analysis(self.baseline)

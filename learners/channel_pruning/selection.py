@@ -579,6 +579,6 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
         macs_before=analysis.total_macs, macs_after=analysis.macs_for(counts),
         params_before=count_params(model), params_after=count_params(pruned),
         seconds=time.perf_counter() - started)
-    logger.info("channel pruning (%s): %d -> %d MACs (%.2fx) in %.1f s", criterion, info.macs_before,
+    logger.debug("channel pruning (%s): %d -> %d MACs (%.2fx) in %.1f s", criterion, info.macs_before,
                 info.macs_after, info.macs_before / max(info.macs_after, 1), info.seconds)
     return pruned, info
