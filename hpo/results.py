@@ -60,6 +60,13 @@ def _rows(study: optuna.Study) -> List[Dict[str, Any]]:
     return rows
 
 
+def best_feasible(study: optuna.Study) -> Optional[optuna.trial.FrozenTrial]:
+    """The trial that ships: the most accurate completed trial that met the target (ties: the earliest)."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("feasible")]
+    return max(feasible, key=lambda t: (accuracy_of(t), -t.number)) if feasible else None
+
+
 def write_trials(study: optuna.Study, output_dir: Path, requested: Mapping[str, float]) -> None:
     rows = _rows(study)
     if not rows:
@@ -91,7 +98,7 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     feasible = [t for t in completed if t.user_attrs.get("feasible")]
     reference = [t for t in completed if t.user_attrs.get("reference")]
-    best = max(feasible, key=lambda t: (accuracy_of(t), -t.number)) if feasible else None
+    best = best_feasible(study)
     seconds = [float(t.user_attrs["seconds"]) for t in completed if "seconds" in t.user_attrs]
     return {
         "study_name": study.study_name,
@@ -129,9 +136,8 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
     written = []
     resolution = (f"{validation_images:,} validation images: one image = {100 / validation_images:.2g} points"
                   if validation_images else "")
-    feasible_trials = [t for t in completed if t.user_attrs.get("feasible")]
     single = len(study.directions) == 1  # a Pareto study ships the pick of its front, marked in pareto.png
-    shipped = max(feasible_trials, key=lambda t: (accuracy_of(t), -t.number)) if feasible_trials and single else None
+    shipped = best_feasible(study) if single else None
     reference = next((t for t in completed if t.user_attrs.get("reference")), None)
 
     def mark(axis, x_of) -> None:

@@ -307,9 +307,7 @@ class Search:
                  _clock(time.time() - self.started), _clock(mean * remaining))
 
     def _best_trial(self) -> Optional[optuna.trial.FrozenTrial]:
-        feasible = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                    if t.user_attrs.get("feasible")]
-        return max(feasible, key=lambda t: (results.accuracy_of(t), -t.number)) if feasible else None
+        return results.best_feasible(self.study)
 
     def _outcome(self) -> SearchOutcome:
         if self.cost_key:
@@ -339,7 +337,6 @@ class Search:
                  details.get("best_validation_accuracy", float("nan")))
         hparams = self.learner.search_space(optuna.trial.FixedTrial(decision["params"]))
         candidate = self.learner.compress(hparams)
-        details["best_trial"] = decision["number"]
         return SearchOutcome(candidate, decision["hyperparameters"], state, None, details)
 
     def _front_outcome(self) -> SearchOutcome:

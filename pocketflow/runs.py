@@ -103,12 +103,10 @@ def compare(run_dirs: List[str]) -> List[str]:
         report = load_report(run_dir)
         best = report.get("best") or {}
         delta = best.get("accuracy_delta")
-        shipped = best.get("artifact_bytes", best.get("bytes"))
-        accuracy = next((best[key] for key in ("artifact_accuracy", "tflite_accuracy", "accuracy")
-                         if best.get(key) is not None), None)
+        shipped = shipped_file(best)
         rows.append([run_dir, str(report.get("learner")), _target(report), str(report.get("status")),
-                     _percent(accuracy), "-" if delta is None else f"{100 * delta:+.2f}", _ratio(best.get("speedup")),
+                     _percent(shipped["accuracy"]), "-" if delta is None else f"{100 * delta:+.2f}", _ratio(best.get("speedup")),
                      _ratio(best.get("latency_speedup")), _ratio(best.get("compression")),
-                     "-" if shipped is None else f"{shipped / 1024:.1f}"])
+                     "-" if shipped["bytes"] is None else f"{shipped['bytes'] / 1024:.1f}"])
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

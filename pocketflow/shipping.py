@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pocketflow.export import write_atomic
+from pocketflow.runs import shipped_file
 
 SHIP_DIRECTORY = "ship"
 
@@ -88,9 +89,8 @@ if __name__ == "__main__":
 
 
 def _copy(source: Path, directory: Path) -> str:
-    target = directory / source.name
-    shutil.copyfile(source, target)
-    return target.name
+    write_atomic(directory / source.name, source.read_bytes())
+    return source.name
 
 
 def write_ship_directory(run_dir: Path, best: Dict[str, Any], preprocess: Dict[str, Any],
@@ -161,16 +161,11 @@ def _tuple(values: Any) -> Optional[tuple]:
 
 
 def _readme(best: Dict[str, Any], shipped_format: str, shipped: str, runtime_file: Optional[str]) -> List[str]:
-    def percent(key: str) -> str:
-        value = best.get(key)
-        return "n/a" if value is None else f"{100 * value:.2f}%"
-
     lines = ["# What to deploy", "", f"`{shipped}`: {shipped_format}."]
     if runtime_file and runtime_file != shipped:
         lines += ["", f"`{runtime_file}`: the same weights as a TFLite file, what a runtime loads."]
-    accuracy_key = next(key for key in ("artifact_accuracy", "tflite_accuracy", "accuracy")
-                        if best.get(key) is not None or key == "accuracy")
-    measured = [f"test accuracy {percent(accuracy_key)}"]
+    accuracy = shipped_file(best)["accuracy"]
+    measured = [f"test accuracy {'n/a' if accuracy is None else f'{100 * accuracy:.2f}%'}"]
     if best.get("speedup") and f"{best['speedup']:.2f}" != "1.00":
         measured.append(f"{best['speedup']:.2f}x fewer MACs than the baseline")
     if best.get("compression") and f"{best['compression']:.2f}" != "1.00":

@@ -83,11 +83,12 @@ def assert_ship_directory(run_dir: Path, report: dict, dataset) -> None:
     import sys
     import tempfile
 
+    from pocketflow.runs import shipped_file
     from pocketflow.shipping import runtime_path
 
     best, ship = report["best"], report["ship"]
     assert all((run_dir / name).exists() for name in ship["files"]), ship
-    measured = Path(best.get("artifact_path") or best.get("tflite_path") or best["model_path"])
+    measured = Path(shipped_file(best)["path"])
     measured = measured if measured.is_absolute() else run_dir / measured
     assert filecmp.cmp(run_dir / ship["file"], measured, shallow=False)
     if not ship["runtime_file"] or not hasattr(dataset, "_x_test"):
