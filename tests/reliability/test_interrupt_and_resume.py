@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -39,6 +40,22 @@ def _states(directory: Path) -> List[Tuple[int, str]]:
             return connection.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
     except sqlite3.Error:  # the searcher is creating the schema
         return []
+
+
+def _fresh_trial_running(directory: Path) -> bool:
+    """A trial after the first one started less than half a second ago (Optuna stores local time):
+    a SIGINT sent now lands inside it unless the machine stalls this process for a whole trial."""
+    database = directory / "study.db"
+    if not database.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            rows = connection.execute("SELECT number, datetime_start FROM trials WHERE state = 'RUNNING'").fetchall()
+    except sqlite3.Error:
+        return False
+    return any(1 <= number <= TRIALS - 3 and started is not None
+               and (datetime.now() - datetime.fromisoformat(started)).total_seconds() < 0.5
+               for number, started in rows)
 
 
 def _wait_for(process: subprocess.Popen, condition, what: str) -> None:
@@ -99,8 +116,7 @@ def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path,
     for extra in ([], ["--resume"]):
         expect_user_error(capsys, [*COMMAND, "--output-dir", str(run), *extra], "is in use by a running job",
                           "choose another --output-dir")
-    _wait_for(first, lambda: any(state == "RUNNING" and 1 <= number <= TRIALS - 4 for number, state in _states(run)),
-              "a trial after the first one started")
+    _wait_for(first, lambda: _fresh_trial_running(run), "a trial after the first one started")
     first.send_signal(signal.SIGINT)
     _, stderr = first.communicate(timeout=WAIT)
     assert first.returncode == 130, stderr[-3000:]
@@ -110,10 +126,14 @@ def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path,
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "interrupted" and report["best"] is None
     assert "partial" in report["reason"] and "--resume" in report["reason"]
-    assert report["trials"]["completed"] >= 1 and report["trials"]["failed"] == 1
+    assert report["trials"]["completed"] >= 1
     assert report["baseline"]["accuracy"] is not None
+    # The trial the SIGINT cut off is marked failed ('interrupted') for --resume to run again. On a
+    # stalled machine the signal can land between two trials instead (nothing to mark): the report
+    # must then say no trial failed. (test_resume_determinism cuts trials off deterministically.)
     interrupted = [row for row in _trials(run) if row["state"] == "FAIL"]
-    assert len(interrupted) == 1 and interrupted[0]["reason"].startswith("interrupted"), interrupted
+    assert report["trials"]["failed"] == len(interrupted) <= 1, interrupted
+    assert all(row["reason"].startswith("interrupted") for row in interrupted), interrupted
     assert "interrupted" in (run / "report.md").read_text()
     assert not (run / "model.keras").exists()
     assert not list(run.glob(".*.tmp")) and not list(run.glob(".saving-*"))
@@ -137,7 +157,7 @@ def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path,
     assert resumed["status"] == expected["status"] == "completed"
     assert _completed_sequence(run) == _completed_sequence(reference)
     assert resumed["trials"]["completed"] == expected["trials"]["completed"] == TRIALS
-    assert resumed["trials"]["failed"] >= 1  # the cut-off trials, each run again
+    assert resumed["trials"]["failed"] == sum(row["state"] == "FAIL" for row in _trials(run))  # each run again
     assert all(row["reason"].startswith("interrupted") for row in _trials(run) if row["state"] == "FAIL")
     assert all(state in ("COMPLETE", "FAIL") for _, state in _states(run))
     assert resumed["best"]["hyperparameters"] == expected["best"]["hyperparameters"]
