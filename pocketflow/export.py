@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -80,14 +81,40 @@ def convert(model: tf.keras.Model, mode: str = "float", representative: Optional
     """Keras model -> TFLite flatbuffer bytes. ``configure`` lets a learner add converter options."""
     if mode not in _CONFIGURE:
         raise ValueError(f"unknown export mode '{mode}'; choose one of {', '.join(EXPORT_MODES)}")
-    # Fix the batch dimension to 1 so the file has static shapes; the evaluator resizes it.
-    fixed = _batch_one(model)
-    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+    serving = _serving_module(model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([serving.serve.get_concrete_function()], serving)
     _CONFIGURE[mode](converter, representative)
     if configure is not None:
         configure(converter)
     with _native_stderr_to_log():
         return converter.convert()
+
+
+def _serving_module(model: tf.keras.Model) -> tf.Module:
+    """The model's inference function at batch 1 (static shapes; the evaluator resizes the batch),
+    with its variables and nothing else.
+
+    ``from_keras_model`` saves the whole Keras object graph first, tracing every layer's call
+    functions: 18 s of a 21 s ResNet-20 conversion here, for the same flatbuffer (outputs equal).
+    The signature keeps the model's input names and names its output after the model.
+    """
+    static = all(None not in tuple(i.shape[1:]) for i in model.inputs)
+    specs = [tf.TensorSpec([1 if static else None, *i.shape[1:]], i.dtype, name=_tensor_name(name))
+             for i, name in zip(model.inputs, model.input_names)]
+    output_name = _tensor_name(model.name)
+
+    def serve(*inputs):
+        outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        return {output_name: outputs} if tf.is_tensor(outputs) else outputs
+
+    module = tf.Module()
+    module.weights = list(model.variables)
+    module.serve = tf.function(serve, input_signature=specs, autograph=False)
+    return module
+
+
+def _tensor_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name) or "tensor"
 
 
 @contextlib.contextmanager
@@ -106,16 +133,6 @@ def _native_stderr_to_log():
             text = capture.read().decode(errors="replace").strip()
             if text:
                 log.debug("TFLite converter output:\n%s", text)
-
-
-def _batch_one(model: tf.keras.Model) -> tf.keras.Model:
-    """A batch-1 view of ``model`` (shared weights), so the converted graph is fully static."""
-    shapes = [tuple(i.shape[1:]) for i in model.inputs]
-    if any(None in shape for shape in shapes):
-        return model
-    inputs = [tf.keras.Input(batch_size=1, shape=shape, dtype=i.dtype) for shape, i in zip(shapes, model.inputs)]
-    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-    return tf.keras.Model(inputs, outputs)
 
 
 def _umask() -> int:
