@@ -17,8 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from learners.base import Candidate, Learner, register_learner
+from learners.channel_pruning.criteria import CRITERIA
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
-from learners.channel_pruning.selection import BaselineCache, prune_model
+from learners.channel_pruning.sampling import BaselineCache
+from learners.channel_pruning.selection import prune_model
 from learners.distillation import Distiller, distillation_loss
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
@@ -37,8 +39,9 @@ class ChannelConfig:
 
     mode: Literal["searched", "uniform"] = "searched"  # uniform: one ratio for every group (the baseline to beat)
     # lasso: He et al. 2017 (LASSO choice + least-squares reconstruction); greedy: drop channels by
-    # their exact cost after reconstruction; l1: filter magnitude, no reconstruction (fast).
-    criterion: Literal["lasso", "greedy", "l1", "search"] = "lasso"
+    # their exact cost after reconstruction; l1: filter magnitude, no reconstruction (fast); search:
+    # the optimizer chooses; or the name of a criterion registered with register_criterion.
+    criterion: str = "lasso"
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
     # Hardware-friendly widths: CPU kernels (XNNPACK) compute output channels in SIMD blocks, so
     # a layer cut to 5 channels costs about what 8 cost. Counts are multiples of channel_multiple
@@ -55,6 +58,9 @@ class ChannelConfig:
     protect: Tuple[str, ...] = ()  # group names never pruned (a producer, or producer[a:b] for a stream band)
 
     def __post_init__(self) -> None:
+        if self.criterion != "search" and self.criterion not in CRITERIA:
+            raise ConfigError(f"channel.criterion = {self.criterion!r} is not allowed; choose one of: "
+                              f"{', '.join([*CRITERIA, 'search'])}")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
         check_fields("channel", self, {
@@ -142,7 +148,7 @@ class ChannelPruningLearner(Learner):
         options = self.options
         criterion = options.criterion
         if criterion == "search":
-            criterion = trial.suggest_categorical("criterion", ["lasso", "greedy", "l1"])
+            criterion = trial.suggest_categorical("criterion", list(CRITERIA))
         return ChannelHyperparameters(criterion=criterion, keep_counts=self._propose(trial))
 
     def _propose(self, trial: Any) -> Dict[str, int]:

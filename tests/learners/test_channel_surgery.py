@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from learners.channel_pruning.graph import analyze
-from learners.channel_pruning.selection import BaselineCache, keep_counts, l1_keep, l1_scores, lasso_keep, prune_model
+from learners.channel_pruning import BaselineCache, keep_counts, l1_keep, l1_scores, lasso_keep, prune_model
 from learners.channel_pruning.surgery import prune
 from pocketflow.metrics import count_macs, count_params
 from tests.conftest import shared_file
@@ -458,6 +458,33 @@ def test_lasso_falls_back_to_l1_when_it_cannot_refit(rng):
         prune_model(model, {"c1": 0.5}, "lasso")
     with pytest.raises(ValueError, match="unknown channel criterion"):
         prune_model(model, {"c1": 0.5}, "random")
+
+
+def test_a_registered_criterion_is_used_by_prune_model_and_accepted_by_the_config(rng):
+    from learners.channel_pruning import CRITERIA, Criterion, register_criterion
+    from learners.channel_pruning.learner import ChannelConfig
+    from pocketflow.errors import ConfigError
+
+    @register_criterion
+    class LastChannels(Criterion):  # a user's rule: keep the last channels (needs no data)
+        name = "test-last"
+        needs_samples = False
+        reconstructs = False
+
+        def keep(self, analysis, group, count, moments, centered):
+            return np.arange(analysis.groups[group].channels - count, analysis.groups[group].channels)
+
+    try:
+        model = _randomize(chain_gap(), rng)
+        pruned, info = prune_model(model, {"c1": 0.5}, "test-last")
+        assert info.selection == {"c1": "test-last"} and info.kept["c1"] == [4, 5, 6, 7]
+        assert pruned.get_layer("c1").output_shape[-1] == 4
+        assert ChannelConfig(criterion="test-last").criterion == "test-last"
+    finally:
+        del CRITERIA["test-last"]
+    with pytest.raises(ConfigError, match="channel.criterion = 'test-last' is not allowed; choose one of: "
+                                          "l1, lasso, greedy, search"):
+        ChannelConfig(criterion="test-last")
 
 
 # ---------------------------------------------------------------------------- shared ResNets
