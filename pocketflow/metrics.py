@@ -9,7 +9,7 @@ MACs(baseline) / MACs(compressed).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -71,16 +71,23 @@ def _dense_macs(layer: layers.Dense, input_shape: tuple, output_shape: tuple) ->
 
 
 # Order matters: subclasses first (SeparableConv2D and DepthwiseConv2D derive from Conv2D).
-_COUNTERS: Tuple[Tuple[type, Callable[..., int]], ...] = (
+_COUNTERS: List[Tuple[type, Callable[..., int]]] = [
     (layers.SeparableConv2D, _separable_macs),
     (layers.DepthwiseConv2D, _depthwise_macs),
     (layers.Conv2DTranspose, _transpose_macs),
     (layers.Conv2D, _conv_macs),
     (layers.Dense, _dense_macs),
-)
+]
 
 
-def _counter(layer: tf.keras.layers.Layer) -> Callable[..., int] | None:
+def register_mac_counter(layer_class: type, counter: Callable[..., int]) -> None:
+    """Count the MACs of ``layer_class`` (and its subclasses) with ``counter(layer, input_shape,
+    output_shape)``; checked before the built-in counters, so it can also replace one."""
+    _COUNTERS.insert(0, (layer_class, counter))
+
+
+def mac_counter(layer: tf.keras.layers.Layer) -> Callable[..., int] | None:
+    """The counter of ``layer``'s MACs, or None for a layer whose MACs are not counted."""
     for kind, counter in _COUNTERS:
         if isinstance(layer, kind):
             return counter
@@ -95,7 +102,7 @@ def layer_macs(model: tf.keras.Model) -> Dict[str, int]:
             for name, macs in layer_macs(layer).items():
                 result[f"{layer.name}/{name}"] = macs
             continue
-        counter = _counter(layer)
+        counter = mac_counter(layer)
         if counter is None:
             continue
         total = sum(counter(layer, inp, out) for inp, out in _shapes(layer, model))

@@ -18,7 +18,8 @@ from typing import Dict, Mapping, Type
 
 import numpy as np
 
-from learners.channel_pruning.graph import ChannelAnalysis, _SEPARABLE
+from learners.channel_pruning.graph import ChannelAnalysis
+from learners.channel_pruning.layer_rules import rule_for
 from learners.channel_pruning.reconstruction import _bias_sink
 from learners.channel_pruning.sampling import _feature_channels, _flat_kernel, _Moments
 
@@ -65,7 +66,7 @@ def l1_scores(analysis: ChannelAnalysis, group: str) -> np.ndarray:
     scores = np.zeros(analysis.groups[group].channels, dtype=np.float64)
     for name in analysis.groups[group].producers:
         layer = analysis.layer(name)
-        kernel = layer.get_weights()[1 if isinstance(layer, _SEPARABLE) else 0]
+        kernel = layer.get_weights()[rule_for(layer).filter_weight]
         norms = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
         for positions in analysis.group_positions(name, group, output=True):  # the group's band of outputs
             scores += norms[positions]

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from learners.channel_pruning import tf_ops
+from learners.channel_pruning.layer_rules import rule_for
 from learners.channel_pruning.kinds import (  # noqa: F401 - re-exported: the kinds are part of this API
     KIND_BARRIER, KIND_BATCHNORM, KIND_CHANNEL_PAD, KIND_CONCAT, KIND_DEPTHWISE, KIND_FLATTEN, KIND_INPUT,
     KIND_MERGE, KIND_NESTED, KIND_PAD_PART, KIND_PRODUCER, KIND_TRANSPARENT,
@@ -45,33 +46,6 @@ from pocketflow import metrics
 layers = tf.keras.layers
 
 Layout = Tuple[int, ...]  # space ids, one per segment of the channel axis
-
-# Element-wise activations: an Activation layer with one of these is channel-transparent.
-_ELEMENTWISE_ACTIVATIONS = frozenset({
-    "linear", "relu", "relu6", "sigmoid", "hard_sigmoid", "tanh", "elu", "selu", "softplus",
-    "softsign", "swish", "silu", "gelu", "exponential", "leaky_relu", "mish", "hard_silu",
-    "hard_swish",
-})
-
-
-def _classes(*names: str) -> Tuple[type, ...]:
-    return tuple(getattr(layers, name) for name in names if hasattr(layers, name))
-
-
-# Layers that act on each channel independently and keep the channel count.
-_TRANSPARENT = _classes(
-    "ReLU", "LeakyReLU", "ELU", "ThresholdedReLU", "Dropout", "GaussianDropout", "GaussianNoise",
-    "AlphaDropout", "ActivityRegularization", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
-    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
-    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-    "GlobalMaxPooling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D",
-    "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D", "Identity",
-)  # SpatialDropout* derive from Dropout
-_MERGES = _classes("Add", "Subtract", "Multiply", "Maximum", "Minimum", "Average")
-_PLAIN_CONV = _classes("Conv1D", "Conv2D", "Conv3D")
-_TRANSPOSED_CONV = _classes("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")
-_SEPARABLE = _classes("SeparableConv1D", "SeparableConv2D")
-_DEPTHWISE = _classes("DepthwiseConv1D", "DepthwiseConv2D")
 
 _CHANNELS_LAST = "channels_last"
 
@@ -228,49 +202,9 @@ def _classify(layer: tf.keras.layers.Layer, in_shapes: List[tuple],
         return KIND_BARRIER, f"{name} has an input or output without a known channel axis"
     if getattr(layer, "data_format", _CHANNELS_LAST) != _CHANNELS_LAST:
         return KIND_BARRIER, f"{name} uses data_format={layer.data_format}"
-    single = len(in_shapes) == 1
-    if isinstance(layer, _DEPTHWISE):
-        if layer.depth_multiplier != 1:
-            return KIND_BARRIER, f"{name} with depth_multiplier={layer.depth_multiplier}"
-        return KIND_DEPTHWISE, ""
-    if isinstance(layer, _SEPARABLE):
-        return KIND_PRODUCER, ""
-    if isinstance(layer, _TRANSPOSED_CONV):
-        return KIND_BARRIER, f"{name} (transposed convolution) is not pruned"
-    if isinstance(layer, _PLAIN_CONV):
-        if getattr(layer, "groups", 1) != 1:
-            return KIND_BARRIER, f"{name} with groups={layer.groups}"
-        return KIND_PRODUCER, ""
-    if isinstance(layer, layers.Dense) and single:
-        return KIND_PRODUCER, ""
-    if isinstance(layer, layers.BatchNormalization):
-        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        rank = len(in_shapes[0])
-        if [a % rank for a in axis] != [rank - 1]:
-            return KIND_BARRIER, f"{name} normalizes axis {layer.axis}, not the channel axis"
-        return KIND_BATCHNORM, ""
-    if isinstance(layer, layers.Activation):
-        activation = getattr(layer.activation, "__name__", str(layer.activation))
-        if activation in _ELEMENTWISE_ACTIVATIONS:
-            return KIND_TRANSPARENT, ""
-        return KIND_BARRIER, f"Activation '{activation}' mixes channels"
-    if isinstance(layer, _TRANSPARENT) and single:
-        return KIND_TRANSPARENT, ""
-    if isinstance(layer, layers.Flatten) and single:
-        if any(d is None for d in in_shapes[0][1:]):
-            return KIND_BARRIER, "Flatten of an input with unknown spatial size"
-        return KIND_FLATTEN, ""
-    if isinstance(layer, _MERGES):
-        if len(set(in_shapes)) != 1:
-            return KIND_BARRIER, f"{name} broadcasts inputs of shapes {in_shapes}"
-        return KIND_MERGE, ""
-    if isinstance(layer, layers.Concatenate):
-        rank = len(in_shapes[0])
-        if any(len(shape) != rank for shape in in_shapes):
-            return KIND_BARRIER, f"{name} of inputs with different ranks"
-        if layer.axis % rank == rank - 1:
-            return KIND_CONCAT, ""
-        return KIND_MERGE, ""  # along a spatial axis: channel c of every input meets
+    rule = rule_for(layer)
+    if rule is not None:
+        return rule.classify(layer, in_shapes, out_shapes)
     return KIND_BARRIER, f"{name} is not known to be channel-transparent"
 
 
@@ -470,7 +404,7 @@ class ChannelAnalysis:
 
         in_shape = term.in_shape[:-1] + (value(term.in_form),)
         out_shape = term.out_shape[:-1] + (value(term.out_form),)
-        counter = metrics._counter(term.layer)  # noqa: SLF001 - same convention as count_macs
+        counter = metrics.mac_counter(term.layer)  # the same convention as count_macs
         return int(counter(term.layer, in_shape, out_shape))
 
     def macs_for(self, keep_counts: Mapping[str, int]) -> int:
@@ -660,10 +594,10 @@ def analyze(model: tf.keras.Model) -> ChannelAnalysis:
             continue
         infos[layer.name] = _LayerInfo(layer.name, kind, in_layouts, out_layouts, in_shapes, out_shapes)
         order.append(layer.name)
-        if metrics._counter(layer) is not None:  # noqa: SLF001
+        if metrics.mac_counter(layer) is not None:
             if kind in (KIND_BARRIER, KIND_INPUT):
                 # Inputs fixed, output fixed: its cost does not change with any group.
-                constant_macs += sum(metrics._counter(layer)(layer, i, o)  # noqa: SLF001
+                constant_macs += sum(metrics.mac_counter(layer)(layer, i, o)
                                      for i, o in zip(in_shapes[:1], out_shapes[:1]))
             else:
                 mac_layers.append((layer, in_shapes[0], out_shapes[0]))

@@ -27,7 +27,8 @@ def _bias_sink(analysis: ChannelAnalysis, terminator: str) -> Tuple[bool, Option
         return True, None
     followers = analysis.successors(terminator)
     if (len(followers) == 1 and getattr(layer.activation, "__name__", "") == "linear"
-            and analysis.layer_kind(followers[0]) == KIND_BATCHNORM):
+            and analysis.layer_kind(followers[0]) == KIND_BATCHNORM
+            and isinstance(analysis.layer(followers[0]), tf.keras.layers.BatchNormalization)):
         return True, followers[0]
     return False, None
 

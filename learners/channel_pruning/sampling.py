@@ -16,22 +16,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from learners.channel_pruning.layer_rules import rule_for
+
 MAX_FEATURES = 4096  # terminators with more input features (k*k*C) are not re-fitted
 TARGET_CACHE_BYTES = 512 * 2 ** 20  # the baseline's re-fit targets kept for the next candidates, at most
 
 
 def _reconstructible(layer: tf.keras.layers.Layer) -> Optional[str]:
-    """None when the LASSO/least-squares model applies to ``layer``, else why not."""
-    if isinstance(layer, tf.keras.layers.Dense):
-        return None
-    if type(layer) is tf.keras.layers.Conv2D or (
-            isinstance(layer, tf.keras.layers.Conv2D)
-            and not isinstance(layer, (tf.keras.layers.Conv2DTranspose, tf.keras.layers.DepthwiseConv2D,
-                                       tf.keras.layers.SeparableConv2D))):
-        if layer.groups != 1:
-            return f"grouped convolution '{layer.name}'"
-        return None
-    return f"{type(layer).__name__} '{layer.name}' is not re-fitted"
+    """None when the LASSO/least-squares model applies to ``layer`` (its layer rule says), else why not."""
+    rule = rule_for(layer)
+    return rule.refit(layer) if rule is not None else f"{type(layer).__name__} '{layer.name}' is not re-fitted"
 
 
 def _flat_kernel(layer: tf.keras.layers.Layer) -> np.ndarray:

@@ -18,32 +18,19 @@ import numpy as np
 import tensorflow as tf
 
 from learners.channel_pruning import tf_ops
-from learners.channel_pruning.graph import (
-    KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, _SEPARABLE, analyze,
-)
+from learners.channel_pruning.graph import KIND_BATCHNORM, KIND_DEPTHWISE, KIND_PRODUCER, ChannelAnalysis, analyze
+from learners.channel_pruning.layer_rules import rule_for
 
 layers = tf.keras.layers
 
 
 def _slice_weights(layer: tf.keras.layers.Layer, kind: Optional[str], weights: List[np.ndarray],
                    in_indices: Optional[np.ndarray], out_indices: Optional[np.ndarray]) -> List[np.ndarray]:
-    """``weights`` of ``layer`` restricted to the kept input and output channels."""
-    if kind == KIND_BATCHNORM:
-        return [w[in_indices] for w in weights]
-    if kind == KIND_DEPTHWISE:
-        kernel = weights[0][..., in_indices, :]
-        return [kernel] + [w[in_indices] for w in weights[1:]]
-    if kind != KIND_PRODUCER:
+    """``weights`` of ``layer`` restricted to the kept input and output channels (its layer rule
+    slices them; layers of other kinds keep all their channels, so their weights stay)."""
+    if kind not in (KIND_PRODUCER, KIND_DEPTHWISE, KIND_BATCHNORM):
         return weights
-    if isinstance(layer, _SEPARABLE):
-        multiplier = layer.depth_multiplier
-        depthwise = weights[0][..., in_indices, :]
-        rows = (in_indices[:, None] * multiplier + np.arange(multiplier)[None, :]).reshape(-1)
-        pointwise = weights[1][..., rows, :][..., out_indices]
-        return [depthwise, pointwise] + [w[out_indices] for w in weights[2:]]
-    # Conv1D/2D/3D kernel (..., in, out); Dense kernel (in, out).
-    kernel = weights[0][..., in_indices, :][..., out_indices]
-    return [kernel] + [w[out_indices] for w in weights[1:]]
+    return rule_for(layer).slice_weights(layer, weights, in_indices, out_indices)
 
 
 def _unsafe_deserialization():
@@ -101,9 +88,7 @@ def prune(model: tf.keras.Model, keep: Mapping[str, np.ndarray],
             _resize_channel_pad(entry, analysis, name, kept)
         if analysis.layer_kind(name) != KIND_PRODUCER:
             continue
-        width = len(analysis.output_indices(name, kept))
-        key = "units" if "units" in layer_config else "filters"
-        layer_config[key] = width
+        layer_config[rule_for(analysis.layer(name)).width_key] = len(analysis.output_indices(name, kept))
     builder = tf.keras.Sequential if isinstance(model, tf.keras.Sequential) else tf.keras.Model
     # The config comes from a live model, not from a file, so its Lambda layers are as trusted
     # as the model itself: rebuild them without Keras' safe-mode refusal.

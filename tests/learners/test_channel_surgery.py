@@ -460,6 +460,47 @@ def test_lasso_falls_back_to_l1_when_it_cannot_refit(rng):
         prune_model(model, {"c1": 0.5}, "random")
 
 
+@tf.keras.utils.register_keras_serializable("pocketflow_tests")
+class ChannelScale(L.Layer):
+    """A user's own per-channel layer: unknown to the analysis until a layer rule says what it is."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(name="scale", shape=(int(input_shape[-1]),), initializer="ones")
+
+    def call(self, inputs):
+        return inputs * self.scale
+
+
+def _scaled_chain():
+    inputs = tf.keras.Input((10, 10, 3))
+    x = _conv_bn_relu(inputs, 8, "c1")
+    x = ChannelScale(name="scale")(x)
+    x = L.Conv2D(6, 3, padding="same", name="c2")(x)
+    return tf.keras.Model(inputs, L.Dense(4, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+
+
+def test_a_registered_layer_rule_makes_a_custom_layer_prunable(rng):
+    from learners.channel_pruning.layer_rules import RULES, LayerRule, per_channel, register_layer_rule, slice_per_channel
+
+    model = _randomize(_scaled_chain(), rng)
+    before = analyze(model)
+    assert "c1" not in before.groups and before.barriers[0].layer == "scale"  # unknown: its input is kept
+    register_layer_rule(ChannelScale, LayerRule(per_channel, slice_per_channel))
+    try:
+        analysis = analyze(model)
+        assert analysis.groups["c1"].consumers == ("c1_bn", "scale", "c2") and not analysis.barriers
+        keep = {"c1": np.array([0, 2, 3, 7])}
+        pruned = prune(model, keep, analysis=analysis)
+        assert pruned.get_layer("scale").get_weights()[0].shape == (4,)
+        x = rng.normal(size=(2, 10, 10, 3)).astype(np.float32)
+        np.testing.assert_allclose(pruned(x), _masked_reference(model, analysis, keep)(x), atol=1e-4)
+        images = rng.normal(size=(8, 10, 10, 3)).astype(np.float32)
+        refitted, info = prune_model(model, {"c1": 0.5}, "lasso", images)  # the reader behind it is re-fitted
+        assert info.reconstructed == ["c2"] and refitted.get_layer("scale").get_weights()[0].shape == (4,)
+    finally:
+        del RULES[ChannelScale]
+
+
 def test_a_registered_criterion_is_used_by_prune_model_and_accepted_by_the_config(rng):
     from learners.channel_pruning import CRITERIA, Criterion, register_criterion
     from learners.channel_pruning.learner import ChannelConfig
