@@ -192,6 +192,10 @@ add(
              ("--trials", "1", "--finetune-epochs", "1", "--distill", "--set", "channel.mode=uniform", "--set",
               "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
              minutes=8),
+    Scenario("resnet20-l1-uniform-3x-5ep-distill", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "5", "--distill", "--set", "channel.mode=uniform", "--set",
+              "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
+             minutes=22),
 )
 
 
