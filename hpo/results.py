@@ -35,6 +35,15 @@ class SearchOutcome:
     front: Optional[List[Dict[str, Any]]] = None
 
 
+BASELINE_ACCURACY_ATTRIBUTE = "baseline_validation_accuracy"  # a study user attribute
+
+
+def baseline_accuracy(study: optuna.Study) -> Optional[float]:
+    """The uncompressed baseline's accuracy on the validation images the trials are scored on."""
+    value = study.user_attrs.get(BASELINE_ACCURACY_ATTRIBUTE)
+    return float(value) if value is not None else None
+
+
 def accuracy_of(trial: optuna.trial.FrozenTrial) -> Optional[float]:
     """A trial's validation accuracy: its value, or its first value in a multi-objective (Pareto) study."""
     return trial.values[0] if trial.values else None
@@ -108,6 +117,7 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
         "best_validation_accuracy": accuracy_of(best) if best else None,
         "best_trial": best.number if best else None,
         "reference_validation_accuracy": accuracy_of(reference[0]) if reference else None,
+        "baseline_validation_accuracy": baseline_accuracy(study),
         "largest_reached": largest_reached(study),
         # What one trial costs (compress + score, BatchNorm re-estimation included), over the
         # completed trials of the study (earlier sessions' too, when resumed).
@@ -122,8 +132,9 @@ def summary(study: optuna.Study, requested: Mapping[str, float], storage_url: st
 def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, float],
                 validation_images: Optional[int] = None) -> List[str]:
     """search_history.png and accuracy_vs_speedup.png (or vs the requested target quantity): the
-    reference trial and the shipped one marked, whole-number trial ticks, and what one validation
-    image is worth written on the plot (a one-image difference is not a better candidate)."""
+    reference trial and the shipped one marked, the baseline's validation accuracy as a line,
+    whole-number trial ticks, and what one validation image is worth written on the plot (a
+    one-image difference is not a better candidate)."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return []
@@ -139,6 +150,7 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
     single = len(study.directions) == 1  # a Pareto study ships the pick of its front, marked in pareto.png
     shipped = best_feasible(study) if single else None
     reference = next((t for t in completed if t.user_attrs.get("reference")), None)
+    baseline = baseline_accuracy(study)
 
     def mark(axis, x_of) -> None:
         """Rings for the reference trial and a star for the shipped one (when they have an x value)."""
@@ -148,6 +160,8 @@ def write_plots(study: optuna.Study, output_dir: Path, requested: Mapping[str, f
                                             label="shipped trial", zorder=3))):
             if trial is not None and x_of(trial) is not None:
                 axis.scatter([x_of(trial)], [accuracy_of(trial)], **style)
+        if baseline is not None:
+            axis.axhline(baseline, color="tab:gray", linestyle=":", label=f"baseline {100 * baseline:.2f}%")
     numbers = [t.number for t in completed]
     values = [accuracy_of(t) for t in completed]
     feasible = [bool(t.user_attrs.get("feasible")) for t in completed]

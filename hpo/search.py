@@ -29,7 +29,7 @@ import tensorflow as tf
 from optuna.trial import TrialState
 
 from hpo import pareto, results
-from hpo.results import SearchOutcome
+from hpo.results import BASELINE_ACCURACY_ATTRIBUTE, SearchOutcome
 from hpo.samplers import make_sampler, trial_seed
 from hpo.storage import (PARAMS_PENDING_ATTRIBUTE, WORKER_ATTRIBUTE, claim_study, counts,
                          default_storage_url, display_url, is_interrupted, load_or_create, open_storage,
@@ -107,6 +107,13 @@ class Search:
             self._enqueue_reference()
         log.info("study '%s' in %s: %s", name, display_url(url), _format_counts(counts(study)))
         return study
+
+    def _record_baseline_accuracy(self) -> None:
+        """The baseline's validation accuracy, once per study: the line every trial is read against
+        (the trials are scored on the same images)."""
+        if BASELINE_ACCURACY_ATTRIBUTE not in self.study.user_attrs:
+            value = accuracy(self.baseline, self.learner.context.dataset.validation(256))
+            self.study.set_user_attr(BASELINE_ACCURACY_ATTRIBUTE, value)
 
     def _validation_images(self) -> Optional[int]:
         return getattr(self.learner.context.dataset, "num_validation", None)
@@ -203,6 +210,7 @@ class Search:
                                  {"largest_reached": reachable})
         if self.distributed.is_chief:
             self._open_study()
+            self._record_baseline_accuracy()
         try:
             self._run_trials()
         except KeyboardInterrupt:

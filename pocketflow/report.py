@@ -121,6 +121,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
                 f"(trial #{search.get('best_trial')})")
         if search.get("reference_validation_accuracy") is not None:
             line += f"; the uniform reference trial reached {_percent(search['reference_validation_accuracy'])}"
+        if search.get("baseline_validation_accuracy") is not None:
+            line += f"; the uncompressed baseline scores {_percent(search['baseline_validation_accuracy'])} there"
         if search.get("median_trial_seconds") is not None:
             line += f"; a trial took {search['median_trial_seconds']:.1f} s (median)"
         if search.get("validation_images"):

@@ -73,6 +73,7 @@ def assert_search_summary_matches_trials(run_dir: Path) -> None:
                 if row["state"] == "COMPLETE" and row["feasible"] == "True"]
     assert search["feasible_trials"] == len(feasible)
     assert search["best_validation_accuracy"] == pytest.approx(max(feasible))
+    assert 0.0 < search["baseline_validation_accuracy"] <= 1.0  # the line the plots draw
 
 
 def assert_ship_directory(run_dir: Path, report: dict, dataset) -> None:

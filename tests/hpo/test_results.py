@@ -20,6 +20,7 @@ def _study() -> optuna.Study:
         if number == 0:
             trial.set_user_attr("reference", True)
         study.tell(trial, value)
+    study.set_user_attr(results.BASELINE_ACCURACY_ATTRIBUTE, 0.95)  # as the search records it
     return study
 
 
@@ -31,8 +32,9 @@ def test_summary_names_the_best_feasible_trial_and_the_validation_resolution(tmp
     summary = results.summary(study, {"speedup": 2.0}, "sqlite:///x", validation_images=144, plots=plots)
     assert summary["best_trial"] == 2 and summary["best_validation_accuracy"] == 0.93  # not the infeasible 0.97
     assert summary["reference_validation_accuracy"] == 0.90 and summary["feasible_trials"] == 3
-    assert summary["median_trial_seconds"] == 2.5
+    assert summary["median_trial_seconds"] == 2.5 and summary["baseline_validation_accuracy"] == 0.95
     text = render_markdown({"best": {"accuracy": 0.9}, "search": summary})
     assert "(trial #2)" in text and "one image is 0.69 points" in text
+    assert "the uncompressed baseline scores 95.00% there" in text
     assert "![search_history.png](search_history.png)" in text
     assert "![accuracy_vs_speedup.png](accuracy_vs_speedup.png)" in text
