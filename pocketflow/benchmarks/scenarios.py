@@ -196,6 +196,12 @@ add(
              ("--trials", "1", "--finetune-epochs", "5", "--distill", "--set", "channel.mode=uniform", "--set",
               "channel.criterion=l1", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
              minutes=22),
+    # The same uniform widths (every group at one ratio, any channel count) chosen by LASSO with the
+    # least-squares re-fit: separates the criterion from the widths in the two rows above.
+    Scenario("resnet20-lasso-uniform-3x-5ep-distill", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "1", "--finetune-epochs", "5", "--distill", "--set", "channel.mode=uniform", "--set",
+              "channel.criterion=lasso", "--set", "channel.channel_multiple=1", "--set", "channel.min_channels=1"),
+             minutes=22),
 )
 
 
