@@ -112,8 +112,11 @@ class Search:
         """The baseline's validation accuracy, once per study: the line every trial is read against
         (the trials are scored on the same images)."""
         if BASELINE_ACCURACY_ATTRIBUTE not in self.study.user_attrs:
-            value = accuracy(self.baseline, self.learner.context.dataset.validation(256))
-            self.study.set_user_attr(BASELINE_ACCURACY_ATTRIBUTE, value)
+            self.study.set_user_attr(BASELINE_ACCURACY_ATTRIBUTE, self._validation_accuracy(self.baseline))
+
+    def _validation_accuracy(self, model: tf.keras.Model) -> float:
+        """A trial's score, and the baseline's line on the plots: the same images, the same evaluation."""
+        return accuracy(model, self.learner.context.dataset.validation(256))
 
     def _validation_images(self) -> Optional[int]:
         return getattr(self.learner.context.dataset, "num_validation", None)
@@ -167,7 +170,7 @@ class Search:
         if not self.distributed.is_chief:
             return math.nan, {}  # only rank 0 scores and records
         achieved = self.learner.candidate_metrics(candidate)
-        score = accuracy(candidate.model, self.learner.context.dataset.validation(256))
+        score = self._validation_accuracy(candidate.model)
         del candidate
         return score, achieved
 
