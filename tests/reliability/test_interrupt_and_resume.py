@@ -31,28 +31,26 @@ COMMAND = ["--learner", "channel", "--target-speedup", "2", "--trials", str(TRIA
 WAIT = 240  # seconds any one step may take on a loaded 2-core machine
 
 
-def _states(directory: Path) -> List[Tuple[int, str]]:
+def _query(directory: Path, sql: str) -> List[tuple]:
+    """Rows of ``sql`` on the run's study database, read-only; none before the searcher created it."""
     database = directory / "study.db"
     if not database.exists():
         return []
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
-            return connection.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+            return connection.execute(sql).fetchall()
     except sqlite3.Error:  # the searcher is creating the schema
         return []
+
+
+def _states(directory: Path) -> List[Tuple[int, str]]:
+    return _query(directory, "SELECT number, state FROM trials ORDER BY number")
 
 
 def _fresh_trial_running(directory: Path) -> bool:
     """A trial after the first one started less than half a second ago (Optuna stores local time):
     a SIGINT sent now lands inside it unless the machine stalls this process for a whole trial."""
-    database = directory / "study.db"
-    if not database.exists():
-        return False
-    try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
-            rows = connection.execute("SELECT number, datetime_start FROM trials WHERE state = 'RUNNING'").fetchall()
-    except sqlite3.Error:
-        return False
+    rows = _query(directory, "SELECT number, datetime_start FROM trials WHERE state = 'RUNNING'")
     return any(1 <= number <= TRIALS - 3 and started is not None
                and (datetime.now() - datetime.fromisoformat(started)).total_seconds() < 0.5
                for number, started in rows)
