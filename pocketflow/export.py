@@ -95,7 +95,7 @@ def _serving_module(model: tf.keras.Model) -> tf.Module:
     with its variables and nothing else.
 
     ``from_keras_model`` saves the whole Keras object graph first, tracing every layer's call
-    functions: 18 s of a 21 s ResNet-20 conversion here, for the same flatbuffer (outputs equal).
+    functions, which took most of a conversion's time, for a file with the same outputs.
     The signature keeps the model's input names and names its output after the model.
     """
     static = all(None not in tuple(i.shape[1:]) for i in model.inputs)
@@ -302,7 +302,8 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
     """Accuracy on the test split and batch-1 latency of an existing TFLite file.
 
     Accuracy runs on every core the process may use (the same outputs, bit for bit, as one thread
-    on the shipped files checked here, 1.5-1.9x sooner); latency on ``threads``, as configured.
+    on the ResNet-20 float, int8 and dynamic-range files checked, and sooner); latency on
+    ``threads``, as configured.
     """
     accuracy = tflite_accuracy(TFLiteModel(path, threads=_usable_cores()), test_images, test_labels)
     loaded = TFLiteModel(path, threads=threads)
