@@ -41,6 +41,7 @@ class TFLiteMeasurement:
     input_dtype: str
     runtime: str
     default_delegate: bool
+    delegation: Dict[str, object]  # Delegation.as_dict(): what the default delegate took
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -81,13 +82,55 @@ def convert(model: tf.keras.Model, mode: str = "float", representative: Optional
     """Keras model -> TFLite flatbuffer bytes. ``configure`` lets a learner add converter options."""
     if mode not in _CONFIGURE:
         raise ValueError(f"unknown export mode '{mode}'; choose one of {', '.join(EXPORT_MODES)}")
-    serving = _serving_module(model)
+    serving = _serving_module(_delegate_friendly(model))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([serving.serve.get_concrete_function()], serving)
     _CONFIGURE[mode](converter, representative)
     if configure is not None:
         configure(converter)
     with _native_stderr_to_log():
         return converter.convert()
+
+
+def _is_strided_pick(layer: tf.keras.layers.Layer) -> bool:
+    """A 1x1 pooling with a stride: it only subsamples (a ResNet shortcut's ``x[:, ::2, ::2]``)."""
+    if not isinstance(layer, (tf.keras.layers.AveragePooling2D, tf.keras.layers.MaxPooling2D)):
+        return False
+    config = layer.get_config()
+    return (tuple(config["pool_size"]) == (1, 1) and tuple(config["strides"]) != (1, 1)
+            and config.get("data_format", "channels_last") == "channels_last")
+
+
+def _has_strided_pick(model: tf.keras.Model) -> bool:
+    return any(_has_strided_pick(layer) if isinstance(layer, tf.keras.Model) else _is_strided_pick(layer)
+               for layer in model.layers)
+
+
+def _delegate_friendly(model: tf.keras.Model) -> tf.keras.Model:
+    """The model with layers XNNPACK declines replaced by exact equivalents it takes, sharing weights.
+
+    XNNPACK declines a 1x1 pooling with a stride (and a strided slice), so a ResNet's subsampling
+    shortcut splits the file into three delegate partitions with the pooling on the reference
+    kernels; a 1x1 depthwise convolution with the same stride and a kernel of ones picks the same
+    values and is delegated, in float and in int8. Nested models are rebuilt the same way; a
+    subclassed one (Keras cannot rebuild it) goes as it is.
+    """
+    if not _has_strided_pick(model):
+        return model
+
+    def replace(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
+        if isinstance(layer, tf.keras.Model):
+            return _delegate_friendly(layer)
+        if not _is_strided_pick(layer):
+            return layer  # the same object: its weights are shared, nothing is copied
+        config = layer.get_config()
+        return tf.keras.layers.DepthwiseConv2D(1, strides=config["strides"], padding=config["padding"],
+                                               use_bias=False, depthwise_initializer="ones", name=layer.name)
+
+    try:
+        return tf.keras.models.clone_model(model, clone_function=replace)
+    except (ValueError, TypeError) as error:  # e.g. a subclassed model
+        log.debug("export keeps %s's strided 1x1 pooling (cannot rebuild it: %s)", model.name, error)
+        return model
 
 
 def _serving_module(model: tf.keras.Model) -> tf.Module:
@@ -193,6 +236,73 @@ def load_interpreter(path: str | Path, threads: int = 1):
                                      experimental_op_resolver_type=module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
     return interpreter, False
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """How much of a loaded file the runtime's default delegate (XNNPACK on CPU) runs.
+
+    Every op the delegate declines runs on the reference kernels, and every boundary between the
+    two costs a hand-over, so a fast kernel only counts where ``fallback_ops`` is empty and there is
+    one partition.
+    """
+
+    partitions: int  # delegate nodes; 0 when the file runs without the default delegate
+    ops: int  # the file's ops
+    delegated_ops: int
+    fallback_ops: Dict[str, int]  # op name -> count of ops left to the reference kernels
+
+    @property
+    def full(self) -> bool:
+        return self.partitions == 1 and not self.fallback_ops
+
+    def as_dict(self) -> Dict[str, object]:
+        return {**asdict(self), "full": self.full, "summary": self.summary()}
+
+    def summary(self) -> str:
+        if self.partitions == 0:
+            return f"no delegate: all {self.ops} ops on the reference kernels"
+        text = (f"{self.delegated_ops} of {self.ops} ops in {self.partitions} "
+                f"delegate partition{'s' if self.partitions != 1 else ''}")
+        if self.fallback_ops:
+            text += "; on the reference kernels: " + ", ".join(
+                f"{name} x{count}" if count > 1 else name for name, count in sorted(self.fallback_ops.items()))
+        return text
+
+
+def delegation_of(interpreter) -> Delegation:
+    """The delegate partitions of an interpreter with tensors allocated, read from its node list.
+
+    The interpreter keeps the ops a delegate replaced and appends one DELEGATE node per partition;
+    a partition's ops are those reached backwards from the delegate node's outputs without
+    crossing its inputs. (The runtime logs the same count only at verbose level.)
+    """
+    nodes = interpreter._get_ops_details()  # the only per-node view the Python API offers
+    delegates = [node for node in nodes if node["op_name"] == "DELEGATE"]
+    ops = [node for node in nodes if node["op_name"] != "DELEGATE"]
+    producer = {int(tensor): node for node in ops for tensor in node["outputs"]}
+    delegated = set()
+    for delegate in delegates:
+        boundary = {int(tensor) for tensor in delegate["inputs"]}
+        pending = [int(tensor) for tensor in delegate["outputs"]]
+        seen = set()
+        while pending:
+            tensor = pending.pop()
+            if tensor in seen or tensor in boundary or tensor not in producer:
+                continue
+            seen.add(tensor)
+            node = producer[tensor]
+            delegated.add(node["index"])
+            pending.extend(int(source) for source in node["inputs"] if source >= 0)
+    fallback: Dict[str, int] = {}
+    for node in ops:
+        if node["index"] not in delegated:
+            fallback[node["op_name"]] = fallback.get(node["op_name"], 0) + 1
+    return Delegation(partitions=len(delegates), ops=len(ops), delegated_ops=len(delegated), fallback_ops=fallback)
+
+
+def delegation_of_file(path: str | Path) -> Delegation:
+    return delegation_of(load_interpreter(path)[0])
 
 
 class TFLiteModel:
@@ -313,7 +423,8 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
     return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
                              latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
                              input_dtype=loaded.input_dtype, runtime=runtime_name(),
-                             default_delegate=loaded.default_delegate)
+                             default_delegate=loaded.default_delegate,
+                             delegation=delegation_of(loaded.interpreter).as_dict())
 
 
 def _usable_cores() -> int:

@@ -111,6 +111,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
             lines.append(f"- export {mode}: {_number(measured.get('bytes'))} bytes, accuracy "
                          f"{_percent(measured.get('accuracy'))}, latency {_number(measured.get('latency_ms'), 3)} ms "
                          f"(input {measured.get('input_dtype')})")
+        if best.get("delegation"):
+            lines += ["", "Delegation (what the runtime's default delegate, XNNPACK on CPU, runs; the rest runs on "
+                          "the slower reference kernels):", ""]
+            lines += [f"- `{path}`: {measured['summary']}" for path, measured in best["delegation"].items()]
         if best.get("hyperparameters"):
             lines += ["", "Chosen hyperparameters:", "", "```", json.dumps(best["hyperparameters"], indent=2), "```"]
     else:

@@ -28,7 +28,7 @@ from pocketflow.data import DATASETS, load_dataset
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess, make_context
 from pocketflow.errors import ConfigError, TargetNotMetError, UserError
-from pocketflow.export import TFLiteMeasurement, export_and_measure, runtime_name, write_atomic
+from pocketflow.export import TFLiteMeasurement, delegation_of_file, export_and_measure, runtime_name, write_atomic
 from pocketflow.metrics import count_macs, count_params, weight_bytes
 from pocketflow.model_io import save_model
 from pocketflow.report import write_report
@@ -66,6 +66,7 @@ class Measurement:
             "tflite_path": float_file.path if float_file else None,
             "tflite_accuracy": float_file.accuracy if float_file else None,
             "tflite_latency_ms": float_file.latency_ms if float_file else None,
+            "delegation": float_file.delegation if float_file else None,
         }
 
 
@@ -458,7 +459,20 @@ class Runner:
         best["latency_speedup"] = (base_latency / best["tflite_latency_ms"]
                                    if base_latency and best["tflite_latency_ms"] else None)
         best["exports"] = {mode: m.as_dict() for mode, m in measured.tflite.items()}
+        best["delegation"] = {os.path.relpath(path, self.output_dir): delegation_of_file(path).as_dict()
+                              for path in _tflite_paths(best)}
         return best
+
+
+def _tflite_paths(fields: Any) -> List[str]:
+    """Every TFLite file a result names (the shipped file, other exports, a learner's companions)."""
+    if isinstance(fields, dict):
+        found = [path for value in fields.values() for path in _tflite_paths(value)]
+    elif isinstance(fields, str) and fields.endswith(".tflite") and Path(fields).is_file():
+        found = [fields]
+    else:
+        found = []
+    return list(dict.fromkeys(found))
 
 
 def shipped_values(best: Dict[str, Any]) -> Dict[str, Optional[float]]:

@@ -13,7 +13,7 @@ import yaml
 from learners import LEARNERS
 from pocketflow.config import build_run_config
 from pocketflow.data import load_dataset
-from pocketflow.export import TFLiteModel, runtime_name, tflite_accuracy
+from pocketflow.export import TFLiteModel, delegation_of_file, runtime_name, tflite_accuracy
 from pocketflow.metrics import count_macs, count_params
 from pocketflow.training import accuracy
 
@@ -45,6 +45,12 @@ def assert_report_matches_files(run_dir: Path) -> dict:
     if shipped.suffix == ".tflite":
         shipped_accuracy = best.get("artifact_accuracy", best.get("tflite_accuracy"))
         assert tflite_accuracy(TFLiteModel(shipped), images, labels) == pytest.approx(shipped_accuracy, abs=1e-9)
+    # Every TFLite file the result names has its delegation measured from the file itself.
+    for name, measured in best["delegation"].items():
+        assert delegation_of_file(run_dir / name).as_dict() == measured, name
+    if shipped.suffix == ".tflite":
+        assert str(shipped.resolve().relative_to(run_dir.resolve())) in best["delegation"]
+    assert baseline["delegation"] == delegation_of_file(baseline["tflite_path"]).as_dict()
     if "sparsity" in best and best.get("sparsity") is not None:
         kernels = [w.numpy() for layer in model.layers for w in layer.weights if "kernel" in w.name]
         zeros = sum(int((k == 0).sum()) for k in kernels)
