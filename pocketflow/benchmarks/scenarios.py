@@ -206,6 +206,13 @@ add(
     # and no re-fit instead of LASSO + re-fit: whether the criterion, not the search, costs at 5 epochs.
     Scenario("resnet20-channel-l1-3x-5ep", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1"), minutes=22),
+    Scenario("resnet20-channel-l1-2x-5ep", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1"), minutes=22),
+    # The same pair at one epoch, where the re-fit's better starting point has the least time to wash out.
+    Scenario("resnet20-channel-3x-1ep", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "1"), minutes=9),
+    Scenario("resnet20-channel-l1-3x-1ep", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "1", "--set", "channel.criterion=l1"), minutes=8),
 )
 
 
