@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -82,8 +82,10 @@ def convert(model: tf.keras.Model, mode: str = "float", representative: Optional
     """Keras model -> TFLite flatbuffer bytes. ``configure`` lets a learner add converter options."""
     if mode not in _CONFIGURE:
         raise ValueError(f"unknown export mode '{mode}'; choose one of {', '.join(EXPORT_MODES)}")
-    serving = _serving_module(_delegate_friendly(model))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([serving.serve.get_concrete_function()], serving)
+    serving = _serving_module(model)
+    with _delegate_friendly(model):
+        function = serving.serve.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([function], serving)
     _CONFIGURE[mode](converter, representative)
     if configure is not None:
         configure(converter)
@@ -100,37 +102,37 @@ def _is_strided_pick(layer: tf.keras.layers.Layer) -> bool:
             and config.get("data_format", "channels_last") == "channels_last")
 
 
-def _has_strided_pick(model: tf.keras.Model) -> bool:
-    return any(_has_strided_pick(layer) if isinstance(layer, tf.keras.Model) else _is_strided_pick(layer)
-               for layer in model.layers)
-
-
-def _delegate_friendly(model: tf.keras.Model) -> tf.keras.Model:
-    """The model with layers XNNPACK declines replaced by exact equivalents it takes, sharing weights.
+@contextlib.contextmanager
+def _delegate_friendly(model: tf.keras.Model) -> Iterator[None]:
+    """While the export traces ``model``, layers XNNPACK declines compute exact equivalents it takes.
 
     XNNPACK declines a 1x1 pooling with a stride (and a strided slice), so a ResNet's subsampling
-    shortcut splits the file into three delegate partitions with the pooling on the reference
+    shortcut split the file into three delegate partitions with the pooling on the reference
     kernels; a 1x1 depthwise convolution with the same stride and a kernel of ones picks the same
-    values and is delegated, in float and in int8. Nested models are rebuilt the same way; a
-    subclassed one (Keras cannot rebuild it) goes as it is.
+    values and is delegated, in float and in int8. Only the traced function changes: the layers'
+    ``call`` is swapped for the trace and put back, so the model (its graph, which the channel
+    analysis reads, and its weights) is left exactly as it was, nested and subclassed models alike.
     """
-    if not _has_strided_pick(model):
-        return model
-
-    def replace(layer: tf.keras.layers.Layer) -> tf.keras.layers.Layer:
-        if isinstance(layer, tf.keras.Model):
-            return _delegate_friendly(layer)
-        if not _is_strided_pick(layer):
-            return layer  # the same object: its weights are shared, nothing is copied
-        config = layer.get_config()
-        return tf.keras.layers.DepthwiseConv2D(1, strides=config["strides"], padding=config["padding"],
-                                               use_bias=False, depthwise_initializer="ones", name=layer.name)
-
+    swapped = [layer for layer in model.submodules if isinstance(layer, tf.keras.layers.Layer)
+               and _is_strided_pick(layer)]
+    for layer in swapped:
+        layer.call = _strided_pick_as_depthwise(layer)
     try:
-        return tf.keras.models.clone_model(model, clone_function=replace)
-    except (ValueError, TypeError) as error:  # e.g. a subclassed model
-        log.debug("export keeps %s's strided 1x1 pooling (cannot rebuild it: %s)", model.name, error)
-        return model
+        yield
+    finally:
+        for layer in swapped:
+            del layer.call  # the class's own call again
+
+
+def _strided_pick_as_depthwise(layer: tf.keras.layers.Layer) -> Callable[[tf.Tensor], tf.Tensor]:
+    config = layer.get_config()
+    strides = tuple(config["strides"])
+
+    def call(inputs: tf.Tensor, *args, **kwargs) -> tf.Tensor:
+        ones = tf.ones([1, 1, inputs.shape[-1], 1], inputs.dtype)
+        return tf.nn.depthwise_conv2d(inputs, ones, strides=(1, *strides, 1), padding=config["padding"].upper())
+
+    return call
 
 
 def _serving_module(model: tf.keras.Model) -> tf.Module:

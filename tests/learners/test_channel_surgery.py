@@ -229,6 +229,18 @@ def test_groups_are_found(build):
     assert analysis.total_macs == count_macs(model)
 
 
+def test_exporting_a_model_leaves_its_channel_groups_as_they_were():
+    """The export traces the subsampling shortcut as a depthwise convolution (for the delegate):
+    the baseline it exported must still be analysed and pruned as before."""
+    from pocketflow.export import convert
+
+    model = pad_shortcut()
+    convert(model, "float")
+    analysis = analyze(model)
+    assert {name: group.producers for name, group in analysis.groups.items()} == EXPECTED_GROUPS[model.name]
+    assert analysis.total_macs == count_macs(model)
+
+
 def test_analysis_details():
     analysis = analyze(depthwise_block())
     # The depthwise conv passes c1's channels through to c2.
