@@ -70,6 +70,7 @@ class Search:
         self.storage_url = self.study_name = ""
         self.started = time.time()
         self.trial_seconds: List[float] = []
+        self._best_shown: Optional[int] = None  # the best trial the console last named
         self.consecutive_failures = 0
         self._current_trial: Optional[optuna.Trial] = None  # asked and not yet told (for Ctrl-C)
         distinct = learner.max_trials()
@@ -315,7 +316,17 @@ class Search:
         metrics = "  ".join(f"{k} {v:.3f}" for k, v in achieved.items() if k in self.requested or k == "speedup")
         log.info("trial %3d  [%d/%d]  val_acc %.4f  %s  %s  %.1fs  elapsed %s  eta %s", number,
                  state["completed"], self.budget, score, metrics, best_text, seconds,
-                 _clock(time.time() - self.started), _clock(mean * remaining))
+                 _clock(time.time() - self.started), _clock(mean * remaining),
+                 extra={"console": self._on_console(state["completed"], best)})
+
+    def _on_console(self, completed: int, best: Optional[optuna.trial.FrozenTrial]) -> bool:
+        """Whether a trial's line goes to the console (run.log has every one): the first and the last,
+        a new best, and every fifth of the budget in between, so the console stays short at any budget."""
+        new_best = best is not None and not self.cost_key and best.number != self._best_shown
+        if best is not None:
+            self._best_shown = best.number
+        stride = max(1, self.budget // 5)
+        return completed in (1, self.budget) or new_best or completed % stride == 0
 
     def _best_trial(self) -> Optional[optuna.trial.FrozenTrial]:
         return results.best_feasible(self.study)

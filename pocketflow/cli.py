@@ -242,10 +242,14 @@ class _ConsoleFormatter(logging.Formatter):
             record.exc_info, record.exc_text, record.stack_info = saved
 
 
-def _expected_retracing(record: logging.LogRecord) -> bool:
-    """False for TensorFlow's retracing warning: every trial builds a new candidate model, whose predict
-    function is traced once by design, so the warning says nothing a user can act on (run.log keeps it)."""
-    return "triggered tf.function retracing" not in record.getMessage()
+def _on_console(record: logging.LogRecord) -> bool:
+    """What the console shows of the log; run.log keeps everything.
+
+    Not shown: records marked ``console=False`` (routine trial lines), and TensorFlow's retracing
+    warning: every trial builds a new candidate model, whose predict function is traced once by
+    design, so the warning says nothing a user can act on.
+    """
+    return getattr(record, "console", True) and "triggered tf.function retracing" not in record.getMessage()
 
 
 def _configure_logging(quiet: bool) -> None:
@@ -253,7 +257,7 @@ def _configure_logging(quiet: bool) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_ConsoleFormatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        handler.addFilter(_expected_retracing)
+        handler.addFilter(_on_console)
     for noisy in ("tensorflow", "absl", "h5py", "matplotlib", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

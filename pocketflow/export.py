@@ -164,7 +164,8 @@ def _tensor_name(name: str) -> str:
 
 @contextlib.contextmanager
 def _native_stderr_to_log():
-    """The converter prints pages of MLIR statistics on file descriptor 2; send them to the debug log."""
+    """Native code's prints on file descriptor 2 (the converter's pages of MLIR statistics, the
+    runtime's delegate notice) go to the debug log."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:
@@ -177,7 +178,7 @@ def _native_stderr_to_log():
             capture.seek(0)
             text = capture.read().decode(errors="replace").strip()
             if text:
-                log.debug("TFLite converter output:\n%s", text)
+                log.debug("TFLite native output:\n%s", text)
 
 
 def _umask() -> int:
@@ -226,8 +227,9 @@ def load_interpreter(path: str | Path, threads: int = 1):
     """
     module = _interpreter_module()
     try:
-        interpreter = module.Interpreter(model_path=str(path), num_threads=threads)
-        interpreter.allocate_tensors()
+        with _native_stderr_to_log():  # the runtime's "Created TensorFlow Lite XNNPACK delegate" line
+            interpreter = module.Interpreter(model_path=str(path), num_threads=threads)
+            interpreter.allocate_tensors()
         return interpreter, True
     except (RuntimeError, ValueError) as error:
         if "delegate" not in str(error).lower() and "prepare" not in str(error).lower():
@@ -421,7 +423,8 @@ def measure_file(path: Path, mode: str, *, test_images: np.ndarray, test_labels:
     loaded = TFLiteModel(path, threads=threads)
     median, p90, timed_runs = loaded.latency(test_images, runs=runs)
     log.info("tflite %-7s %8.1f KB  accuracy %.4f  latency %.3f ms (batch 1, %d thread%s)", mode,
-             path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s")
+             path.stat().st_size / 1024, accuracy, median, threads, "" if threads == 1 else "s",
+             extra={"console": False})  # the run's summary names what ships with these figures
     return TFLiteMeasurement(mode=mode, path=str(path), bytes=path.stat().st_size, accuracy=accuracy,
                              latency_ms=median, latency_p90_ms=p90, latency_runs=timed_runs, threads=threads,
                              input_dtype=loaded.input_dtype, runtime=runtime_name(),

@@ -347,7 +347,8 @@ class Runner:
         teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"))
         if learner.searches and finetune_epochs > 0:
             log.info("fine-tuning the best candidate for %s epochs%s", finetune_epochs,
-                     f", distilled from the baseline ({teacher.describe()})" if teacher else "")
+                     f", distilled from the baseline (temperature {teacher.temperature:g}, weight of the "
+                     f"teacher's term {teacher.alpha:g})" if teacher else "")
             candidate = learner.finetune(candidate, finetune_epochs, teacher=teacher)
             if teacher:
                 report["distillation"] = teacher.describe()

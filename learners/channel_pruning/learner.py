@@ -274,7 +274,7 @@ class ChannelPruningLearner(Learner):
             done = recalibrate_batchnorm(model, self.context.dataset, BATCHNORM_BATCHES, schedule.batch_size,
                                          seed=self.context.seed)
             log.info("fine-tuning took %d steps, too few for BatchNorm's running statistics to settle: "
-                     "re-estimated them from %d training batches", steps, done)
+                     "re-estimated them from %d training batches", steps, done, extra={"console": False})
 
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         analysis = self.analysis(self.baseline)
