@@ -94,8 +94,9 @@ def convert(model: tf.keras.Model, mode: str = "float", representative: Optional
 
 
 def _is_strided_pick(layer: tf.keras.layers.Layer) -> bool:
-    """A 1x1 pooling with a stride: it only subsamples (a ResNet shortcut's ``x[:, ::2, ::2]``)."""
-    if not isinstance(layer, (tf.keras.layers.AveragePooling2D, tf.keras.layers.MaxPooling2D)):
+    """A 1x1 pooling with a stride: it only subsamples (a ResNet shortcut's ``x[:, ::2, ::2]``).
+    Keras's own classes only: a subclass may compute something else."""
+    if type(layer) not in (tf.keras.layers.AveragePooling2D, tf.keras.layers.MaxPooling2D):
         return False
     config = layer.get_config()
     return (tuple(config["pool_size"]) == (1, 1) and tuple(config["strides"]) != (1, 1)
