@@ -213,6 +213,11 @@ add(
              ("--trials", "10", "--finetune-epochs", "1"), minutes=9),
     Scenario("resnet20-channel-l1-3x-1ep", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "10", "--finetune-epochs", "1", "--set", "channel.criterion=l1"), minutes=8),
+    # ... and at 3 epochs, between the two budgets measured.
+    Scenario("resnet20-channel-lasso-3x-3ep", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "3", "--set", "channel.criterion=lasso"), minutes=12),
+    Scenario("resnet20-channel-l1-3x-3ep", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "3", "--set", "channel.criterion=l1"), minutes=12),
 )
 
 
