@@ -137,6 +137,32 @@ def batchnorm_layers(model: tf.keras.Model) -> List[tf.keras.layers.BatchNormali
     return found
 
 
+STALE_BATCHNORM_FRACTION = 0.05  # re-estimate BatchNorm statistics when more of the old ones are left
+SETTLE_BATCHES = 20
+
+
+def settle_batchnorm(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *, workers: int = 1,
+                     seed: int = 0) -> int:
+    """After a training too short for BatchNorm's moving averages to forget the values they started
+    from (more than 5% of them left: momentum ** steps), re-estimate them from training batches;
+    returns the batches used (0: the statistics had settled, or there is no BatchNorm).
+
+    Otherwise the model is evaluated with statistics of weights it no longer has (a 0.3-epoch
+    fine-tuning of a pruned digits CNN: 96.5% -> 88.9% validation accuracy, 98.6% with fresh ones).
+    A training that freezes BatchNorm on purpose (quantization-aware training) does not call this.
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    steps = training_steps(data, schedule, workers)
+    if max(layer.momentum for layer in layers) ** steps <= STALE_BATCHNORM_FRACTION:
+        return 0
+    done = recalibrate_batchnorm(model, data, SETTLE_BATCHES, schedule.batch_size, seed=seed)
+    log.info("the training took %d steps, too few for BatchNorm's running statistics to settle: "
+             "re-estimated them from %d training batches", steps, done, extra={"console": False})
+    return done
+
+
 def recalibrate_batchnorm(model: tf.keras.Model, data: Dataset, batches: int, batch_size: int,
                           seed: int = 0) -> int:
     """Replace BatchNorm moving statistics by their average over ``batches`` training batches;
