@@ -56,6 +56,7 @@ class LearnerContext:
     baseline_tflite_bytes: int = 0
     threads: int = 1  # export.threads: interpreter threads of every latency measurement
     latency_runs: int = 50  # export.latency_runs
+    finetune_epochs: float = 0.0  # the fine-tuning the chosen candidate will get (a choice may depend on it)
 
     def measure_file(self, path: Path, mode: str, images, labels) -> TFLiteMeasurement:
         """The one measurement path: every file a learner ships is measured on ``images`` with the

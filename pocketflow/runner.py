@@ -323,7 +323,8 @@ class Runner:
             dataset=dataset, schedule=schedule, target=config.target, distributed=distributed, seed=config.seed,
             baseline_macs=count_macs(baseline_model),
             baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0,
-            threads=config.export.threads, latency_runs=config.export.latency_runs)
+            threads=config.export.threads, latency_runs=config.export.latency_runs,
+            finetune_epochs=self._finetune_epochs(schedule))
         learner: Learner = self.learner_class(self.options, context)
         outcome = self._search_or_compress(learner, baseline_model, dataset)
         self._partial.update(trials=outcome.trials, search=outcome.details)

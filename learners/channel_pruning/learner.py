@@ -24,13 +24,17 @@ from learners.channel_pruning.selection import prune_model
 from learners.distillation import Distiller, distillation_loss
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
-from pocketflow.training import batchnorm_layers, from_trained, recalibrate_batchnorm, train, training_steps
+from pocketflow.training import from_trained, recalibrate_batchnorm, settle_batchnorm, train
 
 log = logging.getLogger(__name__)
 
 UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
-STALE_BATCHNORM_FRACTION = 0.05  # re-estimate BatchNorm statistics when more of the old ones are left
-BATCHNORM_BATCHES = 20
+# channel.criterion = auto picks L1 selection (no re-fit) from this many fine-tuning epochs on, LASSO
+# with the re-fit below it. Default search on the shared ResNet-20, distilled fine-tuning, one run
+# each (docs/channel-recovery.md): LASSO + re-fit ahead by 0.64 points after 1 epoch at 3x; L1
+# ahead by 0.45 (3x) and 0.59 (2x) after 5. The re-fit's better start is worth most when there is
+# little training to recover with; given time, the largest filters recover further.
+L1_FROM_EPOCHS = 3.0
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,12 @@ class ChannelConfig:
     """Hyperparameters of channel pruning. 'search' lets the optimizer choose."""
 
     mode: Literal["searched", "uniform"] = "searched"  # uniform: one ratio for every group (the baseline to beat)
-    # lasso: He et al. 2017 (LASSO choice + least-squares reconstruction); greedy: drop channels by
-    # their exact cost after reconstruction; l1: filter magnitude, no reconstruction (fast); search:
-    # the optimizer chooses; or the name of a criterion registered with register_criterion.
-    criterion: str = "lasso"
+    # auto: l1 when the chosen candidate will be fine-tuned for at least L1_FROM_EPOCHS epochs, else
+    # lasso (measured: docs/channel-recovery.md); lasso: He et al. 2017 (LASSO choice + least-squares
+    # reconstruction); greedy: drop channels by their exact cost after reconstruction; l1: filter
+    # magnitude, no reconstruction (fast); search: the optimizer chooses; or the name of a criterion
+    # registered with register_criterion.
+    criterion: str = "auto"
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
     # Hardware-friendly widths: CPU kernels (XNNPACK) compute output channels in SIMD blocks, so
     # a layer cut to 5 channels costs about what 8 cost. Counts are multiples of channel_multiple
@@ -58,9 +64,9 @@ class ChannelConfig:
     protect: Tuple[str, ...] = ()  # group names never pruned (a producer, or producer[a:b] for a stream band)
 
     def __post_init__(self) -> None:
-        if self.criterion != "search" and self.criterion not in CRITERIA:
+        if self.criterion not in ("auto", "search") and self.criterion not in CRITERIA:
             raise ConfigError(f"channel.criterion = {self.criterion!r} is not allowed; choose one of: "
-                              f"{', '.join([*CRITERIA, 'search'])}")
+                              f"{', '.join(['auto', *CRITERIA, 'search'])}")
         if not 0.0 < self.min_ratio <= 1.0:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
         check_fields("channel", self, {
@@ -145,11 +151,17 @@ class ChannelPruningLearner(Learner):
 
     # ------------------------------------------------------------------ search space
     def search_space(self, trial: Any) -> ChannelHyperparameters:
-        options = self.options
-        criterion = options.criterion
+        criterion = self.criterion
         if criterion == "search":
             criterion = trial.suggest_categorical("criterion", list(CRITERIA))
         return ChannelHyperparameters(criterion=criterion, keep_counts=self._propose(trial))
+
+    @property
+    def criterion(self) -> str:
+        """``channel.criterion`` with ``auto`` resolved by the fine-tuning budget."""
+        if self.options.criterion != "auto":
+            return self.options.criterion
+        return "l1" if self.context.finetune_epochs >= L1_FROM_EPOCHS else "lasso"
 
     def _propose(self, trial: Any) -> Dict[str, int]:
         groups = self._groups(self.baseline)
@@ -257,24 +269,9 @@ class ChannelPruningLearner(Learner):
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
               loss_function=distillation_loss(teacher, model), description="fine-tune")
-        self._settle_batchnorm(model, schedule)
+        settle_batchnorm(model, self.context.dataset, schedule, workers=self.context.distributed.size,
+                         seed=self.context.seed)
         return candidate
-
-    def _settle_batchnorm(self, model: tf.keras.Model, schedule) -> None:
-        """After a fine-tuning too short for BatchNorm's moving averages (momentum 0.99) to forget the
-        pre-training values (more than 5% of them left), re-estimate them from training batches;
-        otherwise the model is evaluated with statistics of weights it no longer has (a 0.3-epoch
-        fine-tuning of a pruned digits CNN: 96.5% -> 88.9% validation accuracy, 98.6% with fresh ones)."""
-        layers = batchnorm_layers(model)
-        if not layers:
-            return
-        steps = training_steps(self.context.dataset, schedule, self.context.distributed.size)
-        left = max(layer.momentum for layer in layers) ** steps
-        if left > STALE_BATCHNORM_FRACTION:
-            done = recalibrate_batchnorm(model, self.context.dataset, BATCHNORM_BATCHES, schedule.batch_size,
-                                         seed=self.context.seed)
-            log.info("fine-tuning took %d steps, too few for BatchNorm's running statistics to settle: "
-                     "re-estimated them from %d training batches", steps, done, extra={"console": False})
 
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         analysis = self.analysis(self.baseline)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from learners.base import Candidate, LearnerContext
-from learners.channel_pruning.learner import ChannelConfig, ChannelPruningLearner
+from learners.channel_pruning.learner import L1_FROM_EPOCHS, ChannelConfig, ChannelPruningLearner
 from nets import NETS
 from pocketflow.config import DataConfig, TargetConfig
 from pocketflow.data import load_dataset
@@ -24,10 +24,11 @@ def trained():
     return trained_digits(15)
 
 
-def learner_for(trained, target=2.5, **options):
+def learner_for(trained, target=2.5, finetune_epochs=0.0, **options):
     dataset, model, schedule = trained
     context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(speedup=target),
-                             distributed=SingleProcess(), baseline_macs=count_macs(model))
+                             distributed=SingleProcess(), baseline_macs=count_macs(model),
+                             finetune_epochs=finetune_epochs)
     learner = ChannelPruningLearner(ChannelConfig(**options), context)
     learner.prepare(model)
     return learner
@@ -85,6 +86,17 @@ def test_uniform_mode_has_a_single_candidate(trained):
     groups = learner.analysis(trained[1]).groups
     fractions = [counts[n] / groups[n].channels for n in groups]
     assert max(fractions) - min(fractions) <= 4 / 32 + 1e-9  # one channel_multiple step on a 32-wide group
+
+
+@pytest.mark.parametrize("criterion, epochs, used", [("auto", 0.0, "lasso"), ("auto", 1.0, "lasso"),
+                                                     ("auto", L1_FROM_EPOCHS, "l1"), ("auto", 6.0, "l1"),
+                                                     ("lasso", 6.0, "lasso"), ("l1", 1.0, "l1")])
+def test_auto_criterion_follows_the_fine_tuning_budget(trained, criterion, epochs, used):
+    learner = learner_for(trained, 2.0, finetune_epochs=epochs, criterion=criterion)
+    hyperparameters = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+    assert hyperparameters.criterion == used
+    candidate = learner.compress(hyperparameters)
+    assert candidate.model.count_params() < trained[1].count_params()
 
 
 def test_search_criterion_and_reachable(trained):

@@ -536,7 +536,7 @@ def test_a_registered_criterion_is_used_by_prune_model_and_accepted_by_the_confi
     finally:
         del CRITERIA["test-last"]
     with pytest.raises(ConfigError, match="channel.criterion = 'test-last' is not allowed; choose one of: "
-                                          "l1, lasso, greedy, search"):
+                                          "auto, l1, lasso, greedy, search"):
         ChannelConfig(criterion="test-last")
 
 
