@@ -220,6 +220,13 @@ add(
              ("--trials", "10", "--finetune-epochs", "3", "--set", "channel.criterion=lasso"), minutes=12),
     Scenario("resnet20-channel-l1-3x-3ep", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "10", "--finetune-epochs", "3", "--set", "channel.criterion=l1"), minutes=12),
+    # A second seed (search and fine-tuning) of the 5-epoch pair at 3x.
+    Scenario("resnet20-channel-3x-5ep-seed1", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=lasso", "--seed", "1"),
+             minutes=17),
+    Scenario("resnet20-channel-l1-3x-5ep-seed1", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1", "--seed", "1"),
+             minutes=15),
 )
 
 
