@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
@@ -285,11 +286,34 @@ def _format_epochs(epochs: float) -> str:
     return str(int(epochs)) if float(epochs).is_integer() else f"{epochs:.2f}"
 
 
+_INFERENCE_FUNCTIONS: "weakref.WeakKeyDictionary[tf.keras.Model, Callable]" = weakref.WeakKeyDictionary()
+
+
+def inference_function(model: tf.keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The model's inference pass as one traced function, kept for as long as the model lives.
+
+    Traced once for any batch size: Keras's own predict function traces again for a split's last,
+    smaller batch, which cost 0.3 s (ResNet-20) to 0.7 s (ResNet-56) per evaluated candidate.
+    A search still traces once per candidate (each is a new graph); TensorFlow counts those as
+    "retracing" because the candidates' functions share this code, and logs it to run.log only.
+    """
+    function = _INFERENCE_FUNCTIONS.get(model)
+    if function is None:
+        if len(model.inputs) != 1:
+            return model.predict_on_batch
+        owner = weakref.ref(model)  # the cache must not keep the model alive
+        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
+        function = tf.function(lambda images: owner()(images, training=False), input_signature=[spec])
+        _INFERENCE_FUNCTIONS[model] = function
+    return function
+
+
 def predict_logits(model: tf.keras.Model, batches: tf.data.Dataset) -> tuple:
-    """Model outputs and labels over a whole split (Keras compiles one predict function per model)."""
+    """Model outputs and labels over a whole split."""
+    infer = inference_function(model)
     outputs, labels = [], []
     for images, batch_labels in batches:
-        outputs.append(np.asarray(model.predict_on_batch(images)))
+        outputs.append(np.asarray(infer(images)))
         labels.append(batch_labels.numpy())
     return np.concatenate(outputs), np.concatenate(labels)
 

@@ -1,13 +1,16 @@
-"""The shared BatchNorm rule after a training: re-estimate the statistics only when they are stale."""
+"""Shared training helpers: the BatchNorm rule after a training, and the evaluation pass."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import numpy as np
 import tensorflow as tf
 
 from pocketflow.config import DataConfig
 from pocketflow.data import load_dataset
-from pocketflow.training import TrainSchedule, settle_batchnorm, training_steps
+from pocketflow.training import TrainSchedule, inference_function, predict_logits, settle_batchnorm, training_steps
 
 
 def _net() -> tf.keras.Model:
@@ -35,3 +38,21 @@ def test_stale_statistics_are_re_estimated_and_settled_ones_are_kept():
     np.testing.assert_array_equal(batchnorm.moving_mean.numpy(), settled)
     assert settle_batchnorm(tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten()]),
                             digits, schedule) == 0  # nothing to settle
+
+
+def test_evaluation_traces_once_per_model_for_any_batch_size_and_keeps_no_model_alive():
+    model = _net()
+    images = np.random.default_rng(0).random((150, 8, 8, 1), dtype=np.float32)
+    labels = np.arange(150) % 10
+    batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(64)  # 64, 64 and a last 22
+    outputs, seen = predict_logits(model, batches)
+    np.testing.assert_allclose(outputs, model.predict(images, verbose=0), atol=1e-5)
+    np.testing.assert_array_equal(seen, labels)
+    function = inference_function(model)
+    assert function is inference_function(model)
+    assert function.experimental_get_tracing_count() == 1  # Keras's predict function traces twice here
+
+    watched = weakref.ref(model)
+    del model, function
+    gc.collect()
+    assert watched() is None  # a search's discarded candidates are freed
