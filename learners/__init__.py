@@ -7,5 +7,8 @@ from learners.uniform_quantization import learner as uniform_learner  # noqa: F4
 from learners.weight_sparsification import learner as weight_sparse_learner  # noqa: F401  (registers weight-sparse)
 from learners.nonuniform_quantization import learner as nonuniform_learner  # noqa: F401  (registers non-uniform)
 from learners.nonuniform_quantization import product as product_quant_learner  # noqa: F401  (registers product-quant)
+from learners.chain import register_chains
+
+register_chains()  # channel+uniform, ...: after the learners they are made of
 
 __all__ = ["LEARNERS", "Learner", "LearnerContext", "register_learner"]

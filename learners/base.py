@@ -24,6 +24,7 @@ runs; a stale candidate raises, it is never silently mixed with another one's st
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Tuple
@@ -100,9 +101,23 @@ class Learner(abc.ABC):
         self.context = context
         self._baseline: Optional[tf.keras.Model] = None
 
+    # Config sections this learner reads besides its own: a chain (learners/chain.py) reads its stages'.
+    sections: ClassVar[Tuple[str, ...]] = ()
+
     @classmethod
     def parse_options(cls, section: Mapping[str, Any], source: str) -> Any:
         return parse_section(cls.Config, dict(section), f"{cls.name}.", source)
+
+    @classmethod
+    def run_options(cls, sections: Mapping[str, Mapping[str, Any]], source: str) -> Any:
+        """This learner's options from the run's learner sections (by section name)."""
+        return cls.parse_options(sections.get(cls.name, {}), source)
+
+    @classmethod
+    def recorded_sections(cls, options: Any) -> Dict[str, Dict[str, Any]]:
+        """The sections config.yaml records for ``options``: every key, with the value that ran."""
+        given = {field.name for field in dataclasses.fields(options) if field.init}
+        return {cls.name: {name: value for name, value in dataclasses.asdict(options).items() if name in given}}
 
     @classmethod
     def check_target(cls, target: TargetConfig) -> None:

@@ -223,11 +223,12 @@ def _learner_key(key: str, learner: str, flag: str) -> str:
         options = getattr(LEARNERS.get(name), "Config", None)
         return options is not None and option in {f.name for f in dataclasses.fields(options)}
 
-    if not has_option(learner):
-        able = ", ".join(name for name in LEARNERS.names() if has_option(name))
-        raise ConfigError(f"--{flag.replace('_', '-')} sets an option of the learner; learner '{learner}' has no "
-                          f"'{option}' (learners that have it: {able}); choose one with --learner")
-    return key.format(learner=learner)
+    for section in (learner, *LEARNERS.get(learner).sections):  # a chain: the first stage that has it
+        if has_option(section):
+            return key.format(learner=section)
+    able = ", ".join(name for name in LEARNERS.names() if has_option(name))
+    raise ConfigError(f"--{flag.replace('_', '-')} sets an option of the learner; learner '{learner}' has no "
+                      f"'{option}' (learners that have it: {able}); choose one with --learner")
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -283,9 +284,12 @@ def _learner_help(argv: List[str]) -> Optional[str]:
     from learners import LEARNERS
     from pocketflow.config_template import learner_section
 
-    section = "\n".join(learner_section(learner, LEARNERS.get(learner).Config))
+    learner_class = LEARNERS.get(learner)
+    section = "\n".join(learner_section(learner, learner_class.Config))
+    stages = "".join(f"\n\nits stage {name} reads the '{name}' section:\n\n"
+                     + "\n".join(learner_section(name, LEARNERS.get(name).Config)) for name in learner_class.sections)
     return (f"\nOptions of --learner {learner}: give them as --set {learner}.KEY=VALUE, or in a '{learner}:' "
-            f"section of a --config file (configs/template.yaml lists every section):\n\n{section}")
+            f"section of a --config file (configs/template.yaml lists every section):\n\n{section}{stages}")
 
 
 def _run_command(argv: List[str]) -> int:

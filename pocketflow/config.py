@@ -357,6 +357,8 @@ def build_run_config(data: Mapping[str, Any], learner_names: typing.Iterable[str
     learners: Dict[str, Mapping[str, Any]] = {}
     fields = {f.name for f in dataclasses.fields(RunConfig)} - {"learners"}
     for key, value in data.items():
+        if key == "learner" and isinstance(value, list):  # learner: [channel, uniform] is the chain channel+uniform
+            value = "+".join(str(stage) for stage in value)
         if key in fields:
             plain[key] = value
         elif key in known_learners:

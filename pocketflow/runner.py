@@ -115,16 +115,19 @@ class Runner:
         config = resolve_enabled(learner_class, config)
         check_pareto(learner_class, config)
         ignored = []
+        read = {config.learner, *learner_class.sections}
         for name, section in config.learners.items():  # catch typos in every learner section
             options = LEARNERS.get(name).parse_options(section, "the configuration")
-            if name != config.learner:  # another learner's section: only its defaults may be there
+            if name not in read:  # another learner's section: only its defaults may be there
                 defaults = LEARNERS.get(name).Config()
                 ignored += [f"{name}.{field.name}" for field in dataclasses.fields(options)
                             if field.init and getattr(options, field.name) != getattr(defaults, field.name)]
         if ignored:
+            sections = " and ".join(f"'{name}'" for name in sorted(read))
             raise ConfigError(f"{', '.join(ignored)} would be ignored: --learner {config.learner} reads only the "
-                              f"'{config.learner}' section (remove those settings, or use the learner they are for)")
-        self.options = learner_class.parse_options(config.learner_section(config.learner), "the configuration")
+                              f"{sections} section{'s' if len(read) > 1 else ''} (remove those settings, or use the "
+                              f"learner they are for)")
+        self.options = learner_class.run_options(config.learners, "the configuration")
         self.learner_class = learner_class.strategy(self.options, config.target)  # e.g. uniform below 8 bits
         output_dir = Path(config.output_dir) if config.output_dir else default_output_dir(config)
         self.config = dataclasses.replace(config, output_dir=str(output_dir))
@@ -423,9 +426,7 @@ class Runner:
             self.config.train, epochs=schedule.epochs, finetune_epochs=self._finetune_epochs(schedule),
             batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, schedule=schedule.schedule,
             optimizer=schedule.optimizer, weight_decay=schedule.weight_decay)
-        given = {field.name for field in dataclasses.fields(self.options) if field.init}
-        options = {name: value for name, value in dataclasses.asdict(self.options).items() if name in given}
-        learners = {**self.config.learners, self.config.learner: options}
+        learners = {**self.config.learners, **self.learner_class.recorded_sections(self.options)}
         return dataclasses.replace(self.config, train=train, learners=learners)
 
     def _finetune_epochs(self, schedule: TrainSchedule) -> float:
@@ -470,6 +471,8 @@ def _tflite_paths(fields: Any) -> List[str]:
     """Every TFLite file a result names (the shipped file, other exports, a learner's companions)."""
     if isinstance(fields, dict):
         found = [path for value in fields.values() for path in _tflite_paths(value)]
+    elif isinstance(fields, list):  # e.g. a chain's stages
+        found = [path for value in fields for path in _tflite_paths(value)]
     elif isinstance(fields, str) and fields.endswith(".tflite") and Path(fields).is_file():
         found = [fields]
     else:

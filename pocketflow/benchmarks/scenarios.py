@@ -232,6 +232,20 @@ add(
              minutes=15),
 )
 
+# ----------------------------------------------------------------------------- chains: a pruned model in int8
+# The same pruning budget as the float rows above (5 and 10 fine-tuning epochs), of which the int8 stage's
+# QAT takes chain.last_stage_share (20%); each row's report holds the pruned float file beside the int8 one.
+add(
+    Scenario("digits-channel-int8-2x", "digits_cnn", "channel+uniform", ("--target-speedup", "2.0"), quick=True,
+             minutes=1),
+    Scenario("resnet20-channel-int8-2x-5ep", "resnet20", "channel+uniform", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "5"), minutes=20),
+    Scenario("resnet56-channel-int8-2.5x-3ep", "resnet56", "channel+uniform", ("--target-speedup", "2.5"),
+             ("--trials", "12", "--finetune-epochs", "3"), minutes=35),
+    Scenario("resnet56-channel-int8-2.5x-10ep", "resnet56", "channel+uniform", ("--target-speedup", "2.5"),
+             ("--trials", "12", "--finetune-epochs", "10"), minutes=95),
+)
+
 
 def select(names: List[str], quick: bool, shared_available: bool) -> List[Scenario]:
     """The scenarios to run: named ones, or all (quick: the quick ones); shared-data ones need the data."""

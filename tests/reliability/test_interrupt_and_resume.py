@@ -163,3 +163,37 @@ def test_ctrl_c_then_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path,
         assert resumed["best"][key] == expected["best"][key], key
     assert resumed["baseline"]["accuracy"] == expected["baseline"]["accuracy"]
     assert resumed["search"]["best_validation_accuracy"] == expected["search"]["best_validation_accuracy"]
+
+
+CHAIN = ["--learner", "channel+uniform", "--target-speedup", "2", "--trials", "4", "--sampler", "random", "--seed",
+         "3", "--epochs", "0.3", "--finetune-epochs", "1", "--set", "uniform.representative_samples=32", "--set",
+         "uniform.compare_dynamic=false"]
+
+
+def test_a_chain_killed_in_its_second_stage_resumes_to_the_uninterrupted_result(tmp_path, cache, reference):
+    """kill -9 after the search, while the int8 stage trains: --resume finishes with the same result."""
+    straight = tmp_path / "straight"
+    result = run_main(*CHAIN, "--output-dir", str(straight), cache_dir=cache, timeout=WAIT * 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(main_command(*CHAIN, "--output-dir", str(run)), cwd=ROOT, env=subprocess_env(cache),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "run.log"
+    _wait_for(process, lambda: log.exists() and "stage 2 (uniform) starts" in log.read_text(),
+              "the chain's second stage started")
+    process.kill()
+    process.wait(timeout=WAIT)
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / "report.json").exists() or json.loads((run / "report.json").read_text())["best"] is None
+
+    resumed = run_main(*CHAIN, "--output-dir", str(run), "--resume", cache_dir=cache, timeout=WAIT * 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = (json.loads((path / "report.json").read_text()) for path in (straight, run))
+    assert got["status"] == expected["status"] == "completed"
+    assert _completed_sequence(run) == _completed_sequence(straight)
+    assert got["best"]["hyperparameters"] == expected["best"]["hyperparameters"]
+    for key in ("accuracy", "macs", "speedup", "tflite_accuracy", "artifact_bytes", "shipped_method"):
+        assert got["best"][key] == expected["best"][key], key
+    assert [stage["tflite_accuracy"] for stage in got["best"]["stages"]] == \
+        [stage["tflite_accuracy"] for stage in expected["best"]["stages"]]
