@@ -131,3 +131,21 @@ def test_the_first_stage_chooses_by_its_own_share_of_the_fine_tuning():
     assert learner.first.criterion == "lasso"
     learner = chain(chain.parse_options({"last_stage_share": 0.0}, "the test"), context)
     assert learner.first.criterion == "l1"
+
+
+def test_a_pareto_front_of_pruned_int8_models(tmp_path):
+    """--objective pareto: every front model goes through both stages and ships its own int8 file."""
+    import csv
+
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+uniform", "--objective", "pareto", "--trials", "4", "--finetune-epochs", "0.5",
+                 "--set", "uniform.representative_samples=32", "--set", "uniform.compare_dynamic=false", "-q",
+                 "--output-dir", str(run_dir)]) == 0
+    rows = list(csv.DictReader(open(run_dir / "pareto.csv")))
+    assert rows
+    for row in rows:
+        shipped = TFLiteModel(row["tflite_path"])
+        assert shipped.interpreter.get_input_details()[0]["dtype"] == np.int8
+        assert (Path(row["tflite_path"]).parent / "stage1_float.tflite").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["best"]["shipped_format"] == "int8 TFLite" and len(report["best"]["stages"]) == 2
