@@ -255,6 +255,29 @@ def test_channel_job_on_two_horovod_processes_reports_once_with_identical_weight
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("report")) == ["report.json", "report.md"]
 
 
+def test_a_chain_on_two_horovod_processes_trains_both_stages_with_identical_weights(tmp_path):
+    """channel+uniform: the pruning fine-tuning and the int8 stage's QAT both run on both ranks, in step."""
+    horovodrun = _horovodrun()
+    out, records = tmp_path / "run", tmp_path / "records"
+    records.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    result = subprocess.run(
+        [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(driver),
+         "--learner=channel+uniform", "--target-speedup=2", "--trials", "3", "--finetune-epochs", "1", "--set",
+         "uniform.compare_dynamic=false", "--set", "uniform.representative_samples=32", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=_environment(PF_TEST_RECORD_DIR=str(records), PF_TEST_ROOT=str(ROOT)))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["status"] == "completed"
+    assert report["best"]["shipped_format"] == "int8 TFLite" and len(report["best"]["stages"]) == 2
+    chief = [(r["description"], r["checksum"], r["losses"]) for r in _records(records, 0) if r["event"] == "train"]
+    follower = [(r["description"], r["checksum"], r["losses"]) for r in _records(records, 1) if r["event"] == "train"]
+    assert [description for description, _, _ in chief] == ["baseline", "fine-tune", "QAT fine-tune"]
+    assert follower == chief
+
+
 # ---------------------------------------------------------------------------- many searchers, one study
 
 
