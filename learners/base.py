@@ -27,7 +27,7 @@ import abc
 import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import tensorflow as tf
 
@@ -118,6 +118,11 @@ class Learner(abc.ABC):
         """The sections config.yaml records for ``options``: every key, with the value that ran."""
         given = {field.name for field in dataclasses.fields(options) if field.init}
         return {cls.name: {name: value for name, value in dataclasses.asdict(options).items() if name in given}}
+
+    @classmethod
+    def plan_lines(cls, options: Any, finetune_epochs: float) -> List[str]:
+        """Lines ``--dry-run`` adds to the plan for this learner (a chain: its stages)."""
+        return []
 
     @classmethod
     def check_target(cls, target: TargetConfig) -> None:

@@ -116,6 +116,16 @@ class ChainLearner(Learner):
         return recorded
 
     @classmethod
+    def plan_lines(cls, options: ChainOptions, finetune_epochs: float) -> List[str]:
+        first, last = (stage.name for stage in cls.stage_classes)
+        share = finetune_epochs * options.last_stage_share
+        first_epochs = finetune_epochs - share
+        override = getattr(options.stages[last], "qat_epochs", None)  # uniform.qat_epochs replaces the share
+        last_epochs = share if override is None else override
+        return [f"stages:     {first} (searched; its winner fine-tuned {first_epochs:g} epochs), then "
+                f"{last} on that model ({last_epochs:g} epochs; its file ships)"]
+
+    @classmethod
     def check_target(cls, target: TargetConfig) -> None:
         first = cls.stage_classes[0]
         unsupported = [kind for kind in target.requested() if kind not in first.targets]
@@ -220,6 +230,8 @@ class ChainLearner(Learner):
         state.records[0].update(tflite_path=first.path, tflite_accuracy=first.accuracy, bytes=first.bytes,
                                 tflite_latency_ms=first.latency_ms)
         fields = state.last_learner.write_artifacts(state.last, directory)
+        if fields.get("qat_epochs") is not None:  # what the int8 stage trained (uniform.qat_epochs may override)
+            state.records[1]["finetune_epochs"] = fields["qat_epochs"]
         state.records[1].update({key: fields[key] for key in ("shipped_format", "shipped_method", "tflite_path",
                                                               "tflite_accuracy", "artifact_bytes", "tflite_latency_ms")
                                  if key in fields})

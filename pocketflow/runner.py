@@ -183,6 +183,7 @@ class Runner:
             finished = "every Pareto-front model" if config.hpo.objective == "pareto" else "the best candidate"
             lines.append(f"fine-tune:  {finished} for {epochs:g} epochs{distilled}" if epochs > 0
                          else "fine-tune:  none")
+            lines += learner_class.plan_lines(self.options, epochs)
         else:
             lines.append("search:     none (this learner measures the baseline itself)")
         export = config.export

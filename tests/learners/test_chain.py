@@ -76,6 +76,7 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
     assert main(["--config", str(listed), "--dry-run", "--output-dir", str(tmp_path / "b")]) == 0
     plan = capsys.readouterr().out
     assert "learner:    channel+uniform" in plan and "last_stage_share: 0.5" in plan
+    assert "stages:     channel (searched; its winner fine-tuned 3 epochs), then uniform on that model (3 epochs" in plan
 
 
 @pytest.mark.parametrize("args, message", [
