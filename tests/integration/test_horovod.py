@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Tuple
 
 import optuna
 import pytest
@@ -217,18 +218,24 @@ def test_collectives_and_a_baseline_cached_only_on_rank_0_on_two_processes(tmp_p
     assert not (tmp_path / "cache1").exists()  # rank 1 wrote nothing
 
 
-def test_channel_job_on_two_horovod_processes_reports_once_with_identical_weights(tmp_path):
+def _run_two_ranks(tmp_path: Path, *args: str) -> Tuple[subprocess.CompletedProcess, Path, Path]:
+    """main.py on two Horovod processes through the recording driver: (result, run directory, records)."""
     horovodrun = _horovodrun()
     out, records = tmp_path / "run", tmp_path / "records"
     records.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    begin = time.time()
     result = subprocess.run(
-        [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(driver), "--learner=channel",
-         "--target-speedup=2.5", "--trials", "3", "--finetune-epochs", "1", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(driver), *args,
+         "--output-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
         env=_environment(PF_TEST_RECORD_DIR=str(records), PF_TEST_ROOT=str(ROOT)))
+    return result, out, records
+
+
+def test_channel_job_on_two_horovod_processes_reports_once_with_identical_weights(tmp_path):
+    begin = time.time()
+    result, out, records = _run_two_ranks(tmp_path, "--learner=channel", "--target-speedup=2.5", "--trials", "3",
+                                          "--finetune-epochs", "1")
     seconds = time.time() - begin
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -257,17 +264,9 @@ def test_channel_job_on_two_horovod_processes_reports_once_with_identical_weight
 
 def test_a_chain_on_two_horovod_processes_trains_both_stages_with_identical_weights(tmp_path):
     """channel+uniform: the pruning fine-tuning and the int8 stage's QAT both run on both ranks, in step."""
-    horovodrun = _horovodrun()
-    out, records = tmp_path / "run", tmp_path / "records"
-    records.mkdir()
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    result = subprocess.run(
-        [horovodrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(driver),
-         "--learner=channel+uniform", "--target-speedup=2", "--trials", "3", "--finetune-epochs", "1", "--set",
-         "uniform.compare_dynamic=false", "--set", "uniform.representative_samples=32", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-        env=_environment(PF_TEST_RECORD_DIR=str(records), PF_TEST_ROOT=str(ROOT)))
+    result, out, records = _run_two_ranks(tmp_path, "--learner=channel+uniform", "--target-speedup=2", "--trials",
+                                          "3", "--finetune-epochs", "1", "--set", "uniform.compare_dynamic=false",
+                                          "--set", "uniform.representative_samples=32")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["status"] == "completed"
