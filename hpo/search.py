@@ -65,7 +65,7 @@ class Search:
         self.output_dir = output_dir
         self.resume = resume
         self.distributed = distributed
-        self.requested = config.target.requested()
+        self.requested = learner.searched_targets(config.target)  # a chain's later stages: checked when shipped
         self.study: Optional[optuna.Study] = None
         self.storage_url = self.study_name = ""
         self.started = time.time()

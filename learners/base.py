@@ -134,6 +134,12 @@ class Learner(abc.ABC):
                               f"it accepts {accepted}")
 
     @classmethod
+    def searched_targets(cls, target: TargetConfig) -> Dict[str, float]:
+        """The targets the search checks each trial against (the rest are checked on the shipped file
+        only: a chain's later stages). Default: every requested one."""
+        return target.requested()
+
+    @classmethod
     def strategy(cls, options: Any, target: TargetConfig) -> type:
         """The class that carries out ``options`` and ``target`` (same name, same options section).
         A learner may hand some of them to another strategy, e.g. uniform: int8, or mixed low-bit

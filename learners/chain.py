@@ -6,17 +6,22 @@ of stages that each keep their own options section (``channel:``, ``uniform:``):
 
 - The first stage is searched exactly as on its own: its trials, its target, its trial score. The
   search is staged: a candidate is scored before the later stages run, because the later ones
-  (int8 today) change accuracy little and uniformly across candidates, while running them per trial
-  would cost a quantization-aware training each.
+  change accuracy little and uniformly across candidates (measured for int8), while running them per
+  trial would cost a training each.
 - The winner is fine-tuned (``1 - last_stage_share`` of the fine-tuning epochs, distilled from the
   original baseline where distillation is on), finalized to plain Keras, and becomes the last
   stage's baseline; the last stage compresses it with its options and trains for the rest of the
   epochs (QAT for int8), distilled from the same original baseline.
-- What ships is the last stage's file (an int8 TFLite file of the pruned model); the first stage's
-  finished model is also exported in float, so the report shows what each stage did on its own.
+- What ships is the last stage's file (int8 TFLite, packed low-bit codes or codebooks of the pruned
+  model); the first stage's finished model is also exported in float, so the report shows what each
+  stage did on its own.
 
-Targets belong to the first stage (``--target-speedup`` for channel); the last stage is set by its
-options (``--bits 8``, ``uniform.qat_epochs``). ``SUPPORTED`` lists the chains.
+Each target goes to the stage that meets it: the first stage's kinds (``--target-speedup`` for
+channel) steer the search; the others (``--target-bits``, ``--target-compression``) go to the last
+stage and are checked on the shipped file. A compression target is overall (the original baseline's
+float TFLite file over the shipped one), so the last stage sizes its file with the pruning already
+counted: the overall target is split between the stages by what the first one reached. The last
+stage is also set by its options (``--bits 8``, ``uniform.qat_epochs``). ``SUPPORTED`` lists the chains.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import tensorflow as tf
 from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from pocketflow.config import TargetConfig, check_fields, parse_section
 from pocketflow.errors import ConfigError
-from pocketflow.metrics import count_macs
+from pocketflow.metrics import count_macs, count_params
 from pocketflow.training import accuracy
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,9 @@ SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the f
 
 # (first stage, last stage): the chains that run end to end and are tested. Others need a last stage
 # that can take a pruned model as its baseline, or a first stage whose result is plain Keras.
-SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"),)
+# channel+uniform is int8, or mixed low-bit when --target-bits / --target-compression / uniform.bits ask
+# for fewer bits (uniform's own rule); channel+non-uniform ships per-layer codebooks.
+SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"))
 
 
 @dataclass(frozen=True)
@@ -96,11 +103,6 @@ class ChainLearner(Learner):
         except ConfigError as error:  # the key as the user writes it: channel+uniform.last_stage_share
             raise ConfigError(str(error).replace("chain.", f"{cls.name}.")) from None
         stages = {stage.name: stage.parse_options(given.get(stage.name) or {}, source) for stage in cls.stage_classes}
-        last = cls.stage_classes[-1]
-        if last.strategy(stages[last.name], TargetConfig()) is not last:
-            raise ConfigError(f"--learner {cls.name} runs the {last.name} learner's default path only (for uniform: "
-                              f"int8); its options ask for another one (e.g. uniform.bits below 8): drop them, or "
-                              f"run {last.name} on its own")
         return ChainOptions(own.last_stage_share, stages)
 
     @classmethod
@@ -126,22 +128,39 @@ class ChainLearner(Learner):
                 f"{last} on that model ({last_epochs:g} epochs; its file ships)"]
 
     @classmethod
-    def check_target(cls, target: TargetConfig) -> None:
+    def stage_targets(cls, target: TargetConfig) -> Tuple[TargetConfig, TargetConfig]:
+        """(the first stage's targets, the last stage's): a kind the first stage meets is its own, the
+        rest belong to the last stage (compression there is overall, see the module docstring)."""
         first = cls.stage_classes[0]
-        unsupported = [kind for kind in target.requested() if kind not in first.targets]
+        requested = target.requested()
+        return (TargetConfig(**{kind: value for kind, value in requested.items() if kind in first.targets}),
+                TargetConfig(**{kind: value for kind, value in requested.items() if kind not in first.targets}))
+
+    @classmethod
+    def searched_targets(cls, target: TargetConfig) -> Dict[str, float]:
+        return cls.stage_targets(target)[0].requested()
+
+    @classmethod
+    def check_target(cls, target: TargetConfig) -> None:
+        unsupported = [kind for kind in target.requested() if kind not in cls.targets]
         if unsupported:
-            raise ConfigError(f"learner '{cls.name}' takes the targets of its first stage ({first.name}: "
-                              f"{', '.join(f'--target-{kind}' for kind in first.targets)}), not "
-                              f"{', '.join(unsupported)}; set the {cls.stage_classes[-1].name} stage with its "
-                              f"options (e.g. --bits 8)")
+            stages = "; ".join(f"{stage.name}: {', '.join(f'--target-{kind}' for kind in stage.targets) or 'none'}"
+                               for stage in cls.stage_classes)
+            raise ConfigError(f"learner '{cls.name}' cannot meet target {', '.join(unsupported)}; its stages take "
+                              f"{stages}")
+        for stage, routed in zip(cls.stage_classes, cls.stage_targets(target)):
+            try:
+                stage.check_target(routed)
+            except ConfigError as error:
+                raise ConfigError(f"the {stage.name} stage of '{cls.name}': {error}") from None
 
     # ------------------------------------------------------------------ the first stage: searched
     def __init__(self, options: ChainOptions, context: LearnerContext) -> None:
         super().__init__(options, context)
         first_class = self.stage_classes[0]
         # The first stage's choices that depend on its fine-tuning budget (channel's criterion) see its share.
-        first_context = dataclasses.replace(context, finetune_epochs=context.finetune_epochs
-                                            * (1.0 - options.last_stage_share))
+        first_context = dataclasses.replace(context, target=self.stage_targets(context.target)[0],
+                                            finetune_epochs=context.finetune_epochs * (1.0 - options.last_stage_share))
         self.first = first_class(options.stages[first_class.name], first_context)
 
     def prepare(self, baseline: tf.keras.Model) -> None:
@@ -190,10 +209,13 @@ class ChainLearner(Learner):
                  f": test accuracy {record['keras_test_accuracy']:.4f} in float" if "keras_test_accuracy" in record
                  else "", self.stage_classes[-1].name)
 
-        last_class = self.stage_classes[-1]
-        context = dataclasses.replace(self.context, target=TargetConfig(), baseline_macs=record["macs"],
-                                      baseline_tflite_bytes=0, finetune_epochs=last_epochs)
-        last = last_class(self.options.stages[last_class.name], context)
+        # The last stage's targets, and the original baseline's file size: its compression is overall.
+        last_target = self.stage_targets(self.context.target)[1]
+        last_options = self.options.stages[self.stage_classes[-1].name]
+        last_class = self.stage_classes[-1].strategy(last_options, self._relative(last_target, finished.model))
+        context = dataclasses.replace(self.context, target=last_target, baseline_macs=record["macs"],
+                                      finetune_epochs=last_epochs)
+        last = last_class(last_options, context)
         last.prepare(finished.model)
         hparams = last.search_space(optuna.trial.FixedTrial(last.reference_params()))
         compressed = last.compress(hparams)
@@ -202,6 +224,15 @@ class ChainLearner(Learner):
         records = [record, {"learner": last.name, "finetune_epochs": last_epochs}]
         state = ChainState(first=finished, last_learner=last, last=compressed, records=records)
         return Candidate(compressed.model, candidate.hparams, state=state)
+
+    def _relative(self, target: TargetConfig, pruned: tf.keras.Model) -> TargetConfig:
+        """``target`` with its overall compression turned into what the last stage itself must add
+        (parameters scale the float file): what a strategy choice reads (uniform: int8 up to 3x,
+        low-bit codes beyond), so int8 is kept where it meets the overall target with the pruning."""
+        if target.compression is None:
+            return target
+        remaining = target.compression * count_params(pruned) / count_params(self.baseline)
+        return dataclasses.replace(target, compression=remaining if remaining > 1.0 else None)
 
     def finalize(self, candidate: Candidate) -> Candidate:
         if not isinstance(candidate.state, ChainState):  # no fine-tuning epochs: the stages still run
@@ -233,7 +264,8 @@ class ChainLearner(Learner):
         if fields.get("qat_epochs") is not None:  # what the int8 stage trained (uniform.qat_epochs may override)
             state.records[1]["finetune_epochs"] = fields["qat_epochs"]
         state.records[1].update({key: fields[key] for key in ("shipped_format", "shipped_method", "tflite_path",
-                                                              "tflite_accuracy", "artifact_bytes", "tflite_latency_ms")
+                                                              "tflite_accuracy", "artifact_path", "artifact_bytes",
+                                                              "artifact_accuracy", "tflite_latency_ms")
                                  if key in fields})
         lines = [f"{index}. {record['learner']}: " + _stage_line(record) for index, record in
                  enumerate(state.records, 1)]
@@ -268,7 +300,7 @@ def chain_class(first: str, last: str) -> type:
         "name": f"{first}+{last}",
         "stage_classes": (first_class, last_class),
         "sections": (first, last),
-        "targets": first_class.targets,
+        "targets": first_class.targets + tuple(kind for kind in last_class.targets if kind not in first_class.targets),
         "searches": first_class.searches,
         "pareto_cost": first_class.pareto_cost,
         "distill_by_default": first_class.distill_by_default,

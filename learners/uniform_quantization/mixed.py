@@ -12,8 +12,8 @@ TFLite (solved from the file's fixed part, checked on the real bytes). Each tria
    (HAQ-style); either is projected exactly onto the budget (``learners.bit_budget``);
 2. the kernels are quantized per channel (asymmetric or symmetric, clipping by least squared
    error), trained briefly with the straight-through estimator (``recovery_epochs``; BatchNorm
-   frozen by default, see ``UniformConfig.batchnorm``), and the candidate is scored on the
-   validation split.
+   frozen, or trained when distilling: ``UniformConfig.batchnorm``), and the candidate is scored on
+   the validation split.
 
 The first trial is uniform bits everywhere at the budget, so the search is never worse than
 uniform quantization and the report shows both. The winner is fine-tuned with STE, then
@@ -280,7 +280,10 @@ class MixedPrecisionLearner(Learner):
         ``learning_rate`` is a fraction of the net's from-scratch rate."""
         base = self.context.schedule
         schedule = replace(base, epochs=epochs, learning_rate=base.learning_rate * learning_rate)
-        frozen = batchnorm_layers(model) if self.options.batchnorm == "freeze" else []
+        mode = self.options.batchnorm
+        if mode == "auto":  # a teacher's soft targets diverged with frozen statistics (UniformConfig.batchnorm)
+            mode = "freeze" if teacher is None else "train"
+        frozen = batchnorm_layers(model) if mode == "freeze" else []
         for layer in frozen:
             layer.trainable = False  # Keras runs a non-trainable BatchNorm in inference mode
         try:
@@ -291,7 +294,7 @@ class MixedPrecisionLearner(Learner):
             for layer in frozen:
                 layer.trainable = True
         self._quantizer.finish()
-        if self.options.batchnorm == "recalibrate":
+        if mode == "recalibrate":
             self._recalibrate(model)
 
     def _recalibrate(self, model: tf.keras.Model) -> None:

@@ -246,6 +246,22 @@ add(
              ("--trials", "12", "--finetune-epochs", "10"), minutes=95),
 )
 
+# ----------------------------------------------------------------------------- chains: pruned, then low-bit codes
+# The second stage's target is --target-bits (or an overall --target-compression); the pruned float file of
+# each row's report is the first stage alone; resnet20-nonuniform-4bit and resnet20-lowbit-4bit the second.
+add(
+    Scenario("digits-channel-lowbit-2x", "digits_cnn", "channel+uniform", ("--target-speedup", "2.0",
+                                                                         "--target-bits", "4"), quick=True, minutes=1),
+    Scenario("digits-channel-nonuniform-2x", "digits_cnn", "channel+non-uniform",
+             ("--target-speedup", "2.0", "--target-bits", "4"), quick=True, minutes=1),
+    Scenario("resnet20-channel-nonuniform-4bit-2x-5ep", "resnet20", "channel+non-uniform",
+             ("--target-speedup", "2.0", "--target-bits", "4"), ("--trials", "10", "--finetune-epochs", "5"),
+             minutes=25),
+    Scenario("resnet20-channel-nonuniform-14x-5ep", "resnet20", "channel+non-uniform",
+             ("--target-speedup", "2.0", "--target-compression", "14"), ("--trials", "10", "--finetune-epochs", "5"),
+             minutes=25),
+)
+
 
 def select(names: List[str], quick: bool, shared_available: bool) -> List[Scenario]:
     """The scenarios to run: named ones, or all (quick: the quick ones); shared-data ones need the data."""

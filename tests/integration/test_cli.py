@@ -55,7 +55,8 @@ def test_learner_help_lists_every_key_of_its_section(capsys):
 DRY_RUN_TARGETS = {"channel": ["--target-speedup", "2"], "weight-sparse": ["--target-sparsity", "0.5"],
                    "uniform": ["--target-bits", "8"], "non-uniform": ["--target-bits", "4"],
                    "product-quant": ["--target-compression", "10"], "full-prec": [],
-                   "channel+uniform": ["--target-speedup", "2"]}
+                   "channel+uniform": ["--target-speedup", "2"],
+                   "channel+non-uniform": ["--target-speedup", "2", "--target-compression", "12"]}
 
 
 def test_dry_run_prints_the_plan_and_the_resolved_config_and_writes_nothing(tmp_path, capsys):

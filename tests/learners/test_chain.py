@@ -80,9 +80,13 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--learner", "uniform+channel"], "unknown learner 'uniform+channel'; choose one of: channel, channel+uniform"),
-    (["--learner", "channel+uniform", "--target-bits", "8"], "takes the targets of its first stage (channel"),
-    (["--learner", "channel+uniform", "--target-speedup", "2", "--bits", "4"], "runs the uniform learner's default"),
+    (["--learner", "uniform+channel"],
+     "unknown learner 'uniform+channel'; choose one of: channel, channel+non-uniform, channel+uniform"),
+    (["--learner", "channel+uniform", "--target-speedup", "2", "--target-sparsity", "0.5"],
+     "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup; "
+     "uniform: --target-bits, --target-compression"),
+    (["--learner", "channel+non-uniform", "--target-speedup", "2"],
+     "the non-uniform stage of 'channel+non-uniform': learner 'non-uniform' needs a target: pass --target-bits"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--set", "channel+uniform.last_stage_share=2"],
      "channel+uniform.last_stage_share = 2"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--set", "weight-sparse.pattern=2:4"],
@@ -150,3 +154,84 @@ def test_a_pareto_front_of_pruned_int8_models(tmp_path):
         assert (Path(row["tflite_path"]).parent / "stage1_float.tflite").exists()
     report = json.loads((run_dir / "report.json").read_text())
     assert report["best"]["shipped_format"] == "int8 TFLite" and len(report["best"]["stages"]) == 2
+
+
+def test_channel_then_codebooks_meets_an_overall_compression_measured_on_the_shipped_file(tmp_path):
+    """channel+non-uniform: --target-speedup steers the search, --target-compression is overall (the original
+    baseline's float file over the shipped one): the codebook stage sizes its file with the pruning counted."""
+    from learners.nonuniform_quantization.artifact import load_artifact
+
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+non-uniform", "--target-speedup", "2", "--target-compression", "12",
+                 "--trials", "3", "--finetune-epochs", "1", "-q", "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    assert report["status"] == "completed" and best["shipped_format"].startswith("codebook file")
+    # the search checked the first stage's target only: its trials met it before any codebook existed
+    assert report["search"]["feasible_trials"] >= 1
+    artifact = Path(best["artifact_path"])
+    baseline_bytes = report["baseline"]["bytes"]  # its float TFLite file
+    assert baseline_bytes / artifact.stat().st_size == pytest.approx(best["compression"]) and best["compression"] >= 12
+    assert best["target_check"]["compression"]["met"] is True and best["target_check"]["speedup"]["met"] is True
+    # pruning alone is far from 12x: the codebooks took the rest of the budget, not a fixed width
+    first, last = best["stages"]
+    assert baseline_bytes / first["bytes"] < 3 and (first["learner"], last["learner"]) == ("channel", "non-uniform")
+    assert first["macs"] == best["macs"] and last["artifact_path"] == best["artifact_path"]
+
+    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()), LEARNERS.names(), "config")
+    images, labels = load_dataset(config.data, config.seed).test_arrays()
+    rebuilt = load_artifact(artifact)  # the codebook file holds the pruned architecture
+    assert count_macs(rebuilt) == best["macs"]
+    predicted = np.argmax(rebuilt.predict(images, verbose=0), axis=-1)
+    assert float(np.mean(predicted == labels)) == pytest.approx(last["artifact_accuracy"], abs=1e-9)
+    assert last["artifact_accuracy"] >= 0.9
+    assert tflite_accuracy(TFLiteModel(last["tflite_path"]), images, labels) == pytest.approx(
+        last["tflite_accuracy"], abs=1e-9)
+    assert_report_matches_files(run_dir)
+
+
+def test_channel_then_low_bit_ships_a_packed_file_that_kept_its_accuracy(tmp_path):
+    """channel+uniform with --target-bits 4: the uniform stage takes its low-bit path on the pruned model,
+    distilled from the original (BatchNorm trains then: frozen, the distilled fine-tuning diverged)."""
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+uniform", "--target-speedup", "2", "--target-bits", "4", "--trials", "2",
+                 "--finetune-epochs", "1", "--set", "uniform.sensitivity_samples=64",
+                 "--set", "uniform.representative_samples=32", "-q", "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    assert best["shipped_format"] == "packed low-bit" and Path(best["artifact_path"]).name == "model_lowbit.npz"
+    assert best["target_check"]["bits"] == {"target": 4.0, "shipped": best["average_bits"], "met": True}
+    first, last = best["stages"]
+    assert last["tflite_accuracy"] >= 0.95 and first["tflite_accuracy"] - last["tflite_accuracy"] < 0.03
+    assert best["compression"] > 10  # 4-bit codes of a 2x-pruned model
+    assert_report_matches_files(run_dir)
+
+
+def test_an_overall_compression_picks_int8_where_it_suffices_with_the_pruning_counted():
+    """channel+uniform --target-compression R: int8 (about 3-4x on its own) when the pruned model needs
+    no more than that to reach R overall; low-bit codes otherwise."""
+    from learners.base import LearnerContext
+    from learners.uniform_quantization.learner import UniformQuantizationLearner
+    from learners.uniform_quantization.mixed import MixedPrecisionLearner
+    from nets.digits_cnn import build_digits_cnn
+    from pocketflow.config import DataConfig, TargetConfig
+    from pocketflow.distributed import SingleProcess
+    from pocketflow.metrics import count_params
+    from pocketflow.training import TrainSchedule
+
+    dataset = load_dataset(DataConfig(name="digits"), seed=0)
+    baseline = build_digits_cnn(dataset.input_shape, dataset.num_classes, width=16)
+    pruned = build_digits_cnn(dataset.input_shape, dataset.num_classes, width=8)
+    share = count_params(pruned) / count_params(baseline)
+    chain = LEARNERS.get("channel+uniform")
+    options = chain.parse_options({}, "the test")
+    for overall, expected in ((2.5 / share, UniformQuantizationLearner), (4.0 / share, MixedPrecisionLearner),
+                              (1.5, UniformQuantizationLearner)):
+        target = TargetConfig(speedup=2.0, compression=overall)
+        context = LearnerContext(dataset=dataset, schedule=TrainSchedule(1, 32, 0.01, "cosine", "sgd", 5e-4, False),
+                                 target=target, distributed=SingleProcess())
+        learner = chain(options, context)
+        learner.prepare(baseline)
+        relative = learner._relative(chain.stage_targets(target)[1], pruned)
+        assert relative.speedup is None  # the pruning's target stays with the pruning
+        assert chain.stage_classes[-1].strategy(options.stages["uniform"], relative) is expected, overall
