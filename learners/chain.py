@@ -49,7 +49,7 @@ SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the f
 # that can take a pruned model as its baseline, or a first stage whose result is plain Keras.
 # channel+uniform is int8, or mixed low-bit when --target-bits / --target-compression / uniform.bits ask
 # for fewer bits (uniform's own rule); channel+non-uniform ships per-layer codebooks.
-SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"))
+SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"), ("channel", "weight-sparse"))
 
 
 @dataclass(frozen=True)
@@ -285,9 +285,10 @@ def _stage_line(record: Mapping[str, Any]) -> str:
         parts.append(f"shipped {record['shipped_method']}")
     if record.get("macs"):
         parts.append(f"{record['macs']:,} MACs")
-    if record.get("tflite_accuracy") is not None:
+    measured = record.get("tflite_accuracy", record.get("artifact_accuracy"))  # a container: measured in Keras
+    if measured is not None:
         size = record.get("artifact_bytes") or record.get("bytes")
-        parts.append(f"{record.get('shipped_format', 'float TFLite')} test accuracy {100 * record['tflite_accuracy']:.2f}%"
+        parts.append(f"{record.get('shipped_format', 'float TFLite')} test accuracy {100 * measured:.2f}%"
                      + (f", {size / 1024:.1f} KB" if size else "")
                      + (f", {record['tflite_latency_ms']:.3f} ms" if record.get("tflite_latency_ms") else ""))
     return "; ".join(parts)

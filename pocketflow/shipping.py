@@ -45,11 +45,18 @@ SCALE, MEAN, STD = {scale!r}, {mean!r}, {std!r}  # the run's preprocessing: (x *
 
 def _interpreter():
     try:
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert import interpreter as runtime
+        resolvers = runtime.OpResolverType
     except ImportError:
-        from tensorflow.lite import Interpreter
-    interpreter = Interpreter(model_path=str(MODEL), num_threads=1)
-    interpreter.allocate_tensors()
+        import tensorflow as tf
+        runtime, resolvers = tf.lite, tf.lite.experimental.OpResolverType
+    try:
+        interpreter = runtime.Interpreter(model_path=str(MODEL), num_threads=1)
+        interpreter.allocate_tensors()
+    except RuntimeError:  # XNNPACK cannot prepare some sparse int8 convolutions: the built-in kernels run them
+        interpreter = runtime.Interpreter(model_path=str(MODEL), num_threads=1,
+                                          experimental_op_resolver_type=resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -160,6 +167,20 @@ def _tuple(values: Any) -> Optional[tuple]:
     return None if values is None else tuple(float(value) for value in values)
 
 
+def _load_lines(best: Dict[str, Any], runtime_file: str) -> List[str]:
+    """LiteRT load lines for ``runtime_file``: without the default delegate where the run measured it so
+    (XNNPACK fails to prepare some sparse int8 convolutions, and then the file does not load with it)."""
+    lines = ["from ai_edge_litert.interpreter import Interpreter"]
+    delegation = next((measured for name, measured in (best.get("delegation") or {}).items()
+                       if Path(name).name == runtime_file), {})
+    if delegation.get("partitions") == 0 and delegation.get("ops"):
+        return lines[:1] + ["from ai_edge_litert.interpreter import OpResolverType",
+                            f"interpreter = Interpreter(model_path=\"{runtime_file}\",  # XNNPACK cannot prepare it",
+                            "                          experimental_op_resolver_type="
+                            "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)", "interpreter.allocate_tensors()"]
+    return lines + [f"interpreter = Interpreter(model_path=\"{runtime_file}\")", "interpreter.allocate_tensors()"]
+
+
 def _readme(best: Dict[str, Any], shipped_format: str, shipped: str, runtime_file: Optional[str]) -> List[str]:
     lines = ["# What to deploy", "", f"`{shipped}`: {shipped_format}."]
     if runtime_file and runtime_file != shipped:
@@ -177,9 +198,7 @@ def _readme(best: Dict[str, Any], shipped_format: str, shipped: str, runtime_fil
         lines += ["", "## Load it", "", "```python", "from predict import predict   # this directory's predict.py",
                   "scores = predict(raw_images)   # NHWC, the pixel scale of the training data", "```", "",
                   "or with LiteRT directly (`pip install ai-edge-litert`):", "", "```python",
-                  "from ai_edge_litert.interpreter import Interpreter",
-                  f"interpreter = Interpreter(model_path=\"{runtime_file}\")", "interpreter.allocate_tensors()",
-                  "```", "", "Inputs are preprocessed images (`preprocess()` in predict.py applies the run's "
+                  *_load_lines(best, runtime_file), "```", "", "Inputs are preprocessed images (`preprocess()` in predict.py applies the run's "
                   "scale, mean and std); a full-integer file quantizes them as its input tensor says."]
     loader = next((line for prefix, line in _KERAS_LOADERS.items() if shipped_format.startswith(prefix)), None)
     if loader:

@@ -110,6 +110,10 @@ def assert_ship_directory(run_dir: Path, report: dict, dataset) -> None:
         script = (f"import sys, numpy as np; sys.path.insert(0, {str(run_dir / 'ship')!r})\n"
                   f"from predict import predict\n"
                   f"np.save({str(Path(tmp) / 'scores.npy')!r}, predict(np.load({str(Path(tmp) / 'raw.npy')!r})))\n")
+        # ship/README.md's LiteRT lines, as written, then the scores from predict.py
+        readme = (run_dir / "ship" / "README.md").read_text()
+        load_lines = readme.split("or with LiteRT directly", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+        script = f"import os; os.chdir({str(run_dir / 'ship')!r})\n{load_lines}os.chdir({tmp!r})\n{script}"
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                               cwd=tmp)
         assert done.returncode == 0, done.stderr[-2000:]

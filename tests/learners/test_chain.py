@@ -81,7 +81,8 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
 
 @pytest.mark.parametrize("args, message", [
     (["--learner", "uniform+channel"],
-     "unknown learner 'uniform+channel'; choose one of: channel, channel+non-uniform, channel+uniform"),
+     "unknown learner 'uniform+channel'; choose one of: channel, channel+non-uniform, channel+uniform, "
+     "channel+weight-sparse"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--target-sparsity", "0.5"],
      "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup; "
      "uniform: --target-bits, --target-compression"),
@@ -235,3 +236,35 @@ def test_an_overall_compression_picks_int8_where_it_suffices_with_the_pruning_co
         relative = learner._relative(chain.stage_targets(target)[1], pruned)
         assert relative.speedup is None  # the pruning's target stays with the pruning
         assert chain.stage_classes[-1].strategy(options.stages["uniform"], relative) is expected, overall
+
+
+def test_channel_then_sparse_int8_values_ships_a_container_that_loads_with_the_measured_accuracy(tmp_path):
+    """channel+weight-sparse: 75% zeros in the pruned model's kernels, int8 values (--bits 8 reaches the
+    weight-sparse stage); the sparsity is counted in the shipped weights, the compression in its bytes."""
+    from learners.weight_sparsification.artifact import load_container
+    from pocketflow.training import accuracy
+
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+weight-sparse", "--target-speedup", "2", "--target-sparsity", "0.75",
+                 "--bits", "8", "--trials", "2", "--finetune-epochs", "1", "-q", "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    assert best["target_check"]["sparsity"]["met"] is True and best["target_check"]["speedup"]["met"] is True
+    first, last = best["stages"]
+    assert last["learner"] == "weight-sparse" and last["artifact_path"] == best["artifact_path"]
+    artifact = Path(best["artifact_path"])
+    assert report["baseline"]["bytes"] / artifact.stat().st_size == pytest.approx(best["compression"])
+    assert best["compression"] > 10  # int8 values of a quarter of a 2x-pruned model's weights
+
+    config = build_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()), LEARNERS.names(), "config")
+    dataset = load_dataset(config.data, config.seed)
+    model = load_container(artifact)
+    assert count_macs(model) == best["macs"]
+    kernels = [w for w in model.weights if "kernel" in w.name]
+    zeros = sum(int(np.sum(w.numpy() == 0)) for w in kernels) / sum(int(w.shape.num_elements()) for w in kernels)
+    assert zeros >= 0.75 - 1e-3
+    assert accuracy(model, dataset.test(256)) == pytest.approx(last["artifact_accuracy"], abs=1e-9)
+    assert last["artifact_accuracy"] >= 0.9
+    assert "weight-sparse: fine-tuned 0.2 epochs; sparse container (int8) test accuracy" in (
+        run_dir / "report.md").read_text()
+    assert_report_matches_files(run_dir)
