@@ -17,11 +17,12 @@ of stages that each keep their own options section (``channel:``, ``uniform:``):
   stage did on its own.
 
 Each target goes to the stage that meets it: the first stage's kinds (``--target-speedup`` for
-channel) steer the search; the others (``--target-bits``, ``--target-compression``) go to the last
-stage and are checked on the shipped file. A compression target is overall (the original baseline's
-float TFLite file over the shipped one), so the last stage sizes its file with the pruning already
-counted: the overall target is split between the stages by what the first one reached. The last
-stage is also set by its options (``--bits 8``, ``uniform.qat_epochs``). ``SUPPORTED`` lists the chains.
+channel) steer the search; the others (``--target-bits``, ``--target-sparsity``,
+``--target-compression``) go to the last stage and are checked on the shipped file. A compression
+target is overall (the original baseline's float TFLite file over the shipped one), so the last stage
+sizes its file with the pruning already counted: the overall target is split between the stages by
+what the first one reached. The last stage is also set by its options (``--bits 8``,
+``uniform.qat_epochs``). ``SUPPORTED`` lists the chains.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the f
 # (first stage, last stage): the chains that run end to end and are tested. Others need a last stage
 # that can take a pruned model as its baseline, or a first stage whose result is plain Keras.
 # channel+uniform is int8, or mixed low-bit when --target-bits / --target-compression / uniform.bits ask
-# for fewer bits (uniform's own rule); channel+non-uniform ships per-layer codebooks.
-SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"), ("channel", "weight-sparse"))
+# for fewer bits (uniform's own rule); channel+non-uniform ships per-layer codebooks; channel+weight-sparse
+# zeros in the pruned model's kernels (float or, with --bits 8, int8 values).
+SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"),
+                                          ("channel", "weight-sparse"))
 
 
 @dataclass(frozen=True)
