@@ -48,6 +48,7 @@ def summary_lines(report: Dict[str, Any]) -> List[str]:
         if best.get("tflite_latency_ms"):
             line += f", TFLite {best['tflite_latency_ms']:.3f} ms" + ratio("latency_speedup", "faster")
         out.append(line)
+        out += _stage_lines(best.get("stages") or [])
         shipped = shipped_file(best)
         if shipped["path"]:
             details = [f"{shipped['bytes'] / 1024:.1f} KB"] if shipped["bytes"] else []
@@ -63,6 +64,22 @@ def summary_lines(report: Dict[str, Any]) -> List[str]:
         out.append(f"pareto:   {pareto.get('models')} non-dominated models in pareto.csv and pareto.png"
                    + (f"; result = trial {chosen}" if chosen is not None else ""))
     return out
+
+
+def _stage_lines(stages: List[Dict[str, Any]]) -> List[str]:
+    """A chain's stages, each with its own file's test accuracy and size (report.json ``best.stages``)."""
+    lines = []
+    for number, stage in enumerate(stages, 1):
+        accuracy = stage.get("tflite_accuracy", stage.get("artifact_accuracy"))
+        size = stage.get("artifact_bytes") or stage.get("bytes")
+        parts = [f"{stage.get('finetune_epochs', 0):g} epochs"]
+        if accuracy is not None:
+            kind = stage.get("shipped_format", "float TFLite").split(" (")[0]  # "codebook file (bit-packed ...)"
+            parts.append(f"{kind} test accuracy {100 * accuracy:.2f}%")
+        if size:
+            parts.append(f"{size / 1024:.1f} KB")
+        lines.append(f"stage {number}:  {stage.get('learner')}, " + ", ".join(parts))
+    return lines
 
 
 def _percent(value: Optional[float]) -> str:

@@ -189,6 +189,13 @@ def test_channel_then_codebooks_meets_an_overall_compression_measured_on_the_shi
     assert tflite_accuracy(TFLiteModel(last["tflite_path"]), images, labels) == pytest.approx(
         last["tflite_accuracy"], abs=1e-9)
     assert_report_matches_files(run_dir)
+    from pocketflow.runs import show  # `pocketflow show RUN` and the run's last lines name each stage's figures
+
+    shown = show(str(run_dir))
+    assert f"stage 1:  channel, 0.8 epochs, float TFLite test accuracy {100 * first['tflite_accuracy']:.2f}%" in \
+        "\n".join(shown)
+    assert f"stage 2:  non-uniform, 0.2 epochs, codebook file test accuracy {100 * last['tflite_accuracy']:.2f}%" in \
+        "\n".join(shown)
 
 
 def test_channel_then_low_bit_ships_a_packed_file_that_kept_its_accuracy(tmp_path):
