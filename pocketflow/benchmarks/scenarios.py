@@ -142,6 +142,9 @@ add(
     # Mixed low-bit: the searched allocation against 4 bits everywhere at the same budget.
     Scenario("resnet20-lowbit-4bit", "resnet20", "uniform", ("--target-bits", "4"),
              ("--trials", "6", "--finetune-epochs", "0.5"), minutes=15),
+    # Distilled: BatchNorm trains under uniform.batchnorm=auto (frozen, distillation diverged on digits).
+    Scenario("resnet20-lowbit-4bit-distill", "resnet20", "uniform", ("--target-bits", "4"),
+             ("--trials", "6", "--finetune-epochs", "0.5", "--distill"), minutes=15),
     Scenario("resnet20-lowbit-4bit-everywhere", "resnet20", "uniform", ("--target-bits", "4"),
              ("--trials", "1", "--finetune-epochs", "0.5", "--set", "uniform.allocation=uniform"), minutes=12),
     Scenario("resnet20-nonuniform-4bit", "resnet20", "non-uniform", ("--target-bits", "4"),
@@ -246,7 +249,7 @@ add(
              ("--trials", "12", "--finetune-epochs", "10"), minutes=95),
 )
 
-# ----------------------------------------------------------------------------- chains: pruned, then low-bit codes
+# ----------------------------------------------------------------------------- chains: pruned, then low-bit codes or zeros
 # The second stage's target is --target-bits (or an overall --target-compression); the pruned float file of
 # each row's report is the first stage alone; resnet20-nonuniform-4bit and resnet20-lowbit-4bit the second.
 add(
@@ -257,6 +260,12 @@ add(
     Scenario("resnet20-channel-nonuniform-4bit-2x-5ep", "resnet20", "channel+non-uniform",
              ("--target-speedup", "2.0", "--target-bits", "4"), ("--trials", "10", "--finetune-epochs", "5"),
              minutes=25),
+    Scenario("resnet20-channel-lowbit-4bit-2x-5ep", "resnet20", "channel+uniform",
+             ("--target-speedup", "2.0", "--target-bits", "4"), ("--trials", "10", "--finetune-epochs", "5"),
+             minutes=20),
+    Scenario("resnet20-channel-sparse-int8-2x-5ep", "resnet20", "channel+weight-sparse",
+             ("--target-speedup", "2.0", "--target-sparsity", "0.75"),
+             ("--trials", "10", "--finetune-epochs", "5", "--bits", "8"), minutes=20),
     Scenario("resnet20-channel-nonuniform-14x-5ep", "resnet20", "channel+non-uniform",
              ("--target-speedup", "2.0", "--target-compression", "14"), ("--trials", "10", "--finetune-epochs", "5"),
              minutes=25),
