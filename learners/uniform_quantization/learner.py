@@ -4,8 +4,11 @@ Two methods, both measured on every run so the report shows what training bought
 post-training quantization (PTQ: the float model converted with a representative set, no
 training) and quantization-aware training (QAT: TFMOT fake-quantizers, fine-tuned with the
 shared training loop, converted with the ranges they learned). The shipped artifact is the
-int8 TFLite file of the method chosen (QAT unless ``method: ptq`` or ``qat_epochs: 0``);
-``finalize`` returns the plain float Keras model holding the QAT-trained weights.
+int8 TFLite file of the method chosen: QAT unless ``method: ptq`` or ``qat_epochs: 0``, or unless
+post-training int8 scores higher on the validation split. ``finalize`` makes that choice and returns
+the float Keras model the shipped file is converted from: the QAT-trained weights, or the baseline
+itself when post-training int8 ships (so ``model.keras`` and the report's Keras figures describe the
+shipped file's model, never a QAT twin that was not shipped).
 
 Targets: ``--target-bits 8`` (or more) and ``--target-compression`` up to what int8 reaches.
 Fewer bits (``--target-bits 4``, ``uniform.bits: 4``, ``mode: mixed``, or a compression target
@@ -17,6 +20,7 @@ above ``INT8_COMPRESSION_LIMIT``) hand the run to the mixed low-bit strategy in
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,7 +34,7 @@ from learners.uniform_quantization.options import (  # noqa: F401 - the options 
 )
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
 from pocketflow.config import TargetConfig
-from pocketflow.export import TFLiteMeasurement, TFLiteModel, tflite_accuracy
+from pocketflow.export import TFLiteMeasurement, TFLiteModel, convert, tflite_accuracy
 from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
 
@@ -44,6 +48,9 @@ class QatState:
     qat_model: tf.keras.Model
     left_float: List[str] = field(default_factory=list)
     trained_epochs: float = 0.0
+    # set by finalize: each int8 file's validation accuracy, and whether post-training int8 ships
+    validation: Dict[str, float] = field(default_factory=dict)
+    ships_ptq: bool = False
 
 
 @register_learner
@@ -106,10 +113,34 @@ class UniformQuantizationLearner(Learner):
 
     def finalize(self, candidate: Candidate) -> Candidate:
         """QAT: the trained float weights copied back into the baseline's architecture (the QAT
-        model stays in the state: it is what the int8 file is converted from)."""
-        if candidate.state is None:
+        model stays in the state: it is what the int8 file is converted from). QAT must beat or match
+        post-training int8 on the validation split (never the test split); where it does not, the
+        post-training file ships and the model is the baseline it is converted from."""
+        state = candidate.state
+        if state is None:
             return candidate
-        return candidate.with_model(copy_back(candidate.state.qat_model, self.baseline))
+        if hasattr(self.context.dataset, "validation_arrays"):
+            scores = self._int8_validation(state.qat_model) if self.context.distributed.is_chief else None
+            state.validation = self.context.distributed.broadcast_object(scores)
+            state.ships_ptq = state.validation["ptq"] > state.validation["qat"]
+            if state.ships_ptq:
+                log.warning("QAT int8 validation accuracy %.4f is below post-training int8 %.4f; shipping the "
+                            "post-training file (and its float model, the baseline)", state.validation["qat"],
+                            state.validation["ptq"])
+                return candidate.with_model(self.baseline)
+        return candidate.with_model(copy_back(state.qat_model, self.baseline))
+
+    def _int8_validation(self, qat_model: tf.keras.Model) -> Dict[str, float]:
+        """Validation accuracy of the QAT int8 file and of the baseline's post-training int8 file."""
+        images, labels = self.context.dataset.validation_arrays()
+        representative = self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
+        scores = {}
+        with tempfile.TemporaryDirectory() as directory:
+            for method, model in (("qat", qat_model), ("ptq", self.baseline)):
+                path = Path(directory) / f"{method}.tflite"
+                path.write_bytes(convert(model, "int8", representative))
+                scores[method] = tflite_accuracy(TFLiteModel(path, threads=self.context.threads), images, labels)
+        return scores
 
     # ------------------------------------------------------------------ ship and report
     def _export(self, model: tf.keras.Model, path: Path, mode: str) -> TFLiteMeasurement:
@@ -136,18 +167,14 @@ class UniformQuantizationLearner(Learner):
             if state.trained_epochs == 0:
                 log.warning("QAT ran for 0 epochs (pass --finetune-epochs or uniform.qat_epochs); "
                             "the int8 file uses untrained quantizer ranges")
+            if state.validation:  # the choice finalize made; the losing file stays for comparison
+                fields.update(qat_int8_validation_accuracy=state.validation["qat"],
+                              ptq_int8_validation_accuracy=state.validation["ptq"])
+            if state.ships_ptq:
+                shipped = ptq
         else:
             shipped = ptq
             fields.update(method="ptq", layers_left_float=[])
-        if state is not None and hasattr(self.context.dataset, "validation_arrays"):
-            # QAT must beat or match post-training int8; the choice is made on the validation split
-            # (never the test split), and the losing file stays in the run directory for comparison.
-            qat_validation, ptq_validation = self._validation_accuracy(shipped), self._validation_accuracy(ptq)
-            fields.update(qat_int8_validation_accuracy=qat_validation, ptq_int8_validation_accuracy=ptq_validation)
-            if ptq_validation > qat_validation:
-                log.warning("QAT int8 validation accuracy %.4f is below post-training int8 %.4f; shipping the "
-                            "post-training file", qat_validation, ptq_validation)
-                shipped = ptq
         fields["shipped_method"] = "qat" if shipped.path.endswith("model_int8.tflite") else "ptq"
         fields.update(
             artifact_path=shipped.path, artifact_bytes=shipped.bytes, shipped_format="int8 TFLite",
@@ -157,10 +184,6 @@ class UniformQuantizationLearner(Learner):
         log.info("shipped int8 TFLite (%s): accuracy %.4f, %.1f KB; post-training int8 %.4f",
                  fields["shipped_method"], shipped.accuracy, shipped.bytes / 1024, ptq.accuracy)
         return fields
-
-    def _validation_accuracy(self, measured: TFLiteMeasurement) -> float:
-        images, labels = self.context.dataset.validation_arrays()
-        return tflite_accuracy(TFLiteModel(measured.path, threads=self.context.threads), images, labels)
 
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         state = candidate.state

@@ -133,6 +133,40 @@ def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
     assert fields["artifact_bytes"] == (tmp_path / "ptq_int8.tflite").stat().st_size
 
 
+@pytest.mark.parametrize("ptq_wins", [False, True])
+def test_the_model_is_the_one_the_shipped_file_is_converted_from(digits, tmp_path, monkeypatch, ptq_wins):
+    """finalize chooses QAT or post-training int8 on validation scores; when post-training int8 ships,
+    the finalized model (model.keras, the report's Keras figures) is the baseline it is converted from,
+    not the QAT-trained twin; when QAT ships, it is the QAT-trained weights."""
+    inputs = tf.keras.Input(digits.input_shape)
+    x = L.ReLU()(L.Conv2D(8, 3, padding="same")(inputs))
+    model = tf.keras.Model(inputs, L.Dense(digits.num_classes)(L.GlobalAveragePooling2D()(x)))
+    schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    context = LearnerContext(dataset=digits, schedule=schedule, target=TargetConfig(bits=8),
+                             distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")),
+                             latency_runs=3)
+    learner = UniformQuantizationLearner(UniformConfig(compare_dynamic=False, representative_samples=32), context)
+    learner.prepare(model)
+    candidate = learner.finetune(learner.compress(learner.options), 0.2)
+    measured = learner._int8_validation(candidate.state.qat_model)  # the real scores, then the choice forced
+    assert set(measured) == {"qat", "ptq"} and all(0.0 <= value <= 1.0 for value in measured.values())
+    forced = {"qat": 0.5, "ptq": 0.9} if ptq_wins else {"qat": 0.9, "ptq": 0.5}
+    monkeypatch.setattr(learner, "_int8_validation", lambda qat_model: forced)
+    finished = learner.finalize(candidate)
+    images = digits.sample_train(16, seed=1)
+    if ptq_wins:
+        assert finished.model is model
+    else:
+        assert finished.model is not model
+        np.testing.assert_allclose(finished.model(images).numpy(), candidate.state.qat_model(images).numpy(),
+                                   atol=1e-2)  # the QAT-trained weights (float, no fake quantization)
+    fields = learner.write_artifacts(finished, tmp_path)
+    assert fields["shipped_method"] == ("ptq" if ptq_wins else "qat")
+    assert fields["artifact_path"] == (fields["ptq_int8_path"] if ptq_wins else str(tmp_path / "model_int8.tflite"))
+    assert (fields["qat_int8_validation_accuracy"], fields["ptq_int8_validation_accuracy"]) == (
+        forced["qat"], forced["ptq"])
+
+
 def test_below_eight_bits_is_reported_unreachable(digits):
     model = small_model()
     context = LearnerContext(dataset=digits, schedule=TrainSchedule(1, 32, 0.05, "cosine", "sgd", 0, False),
