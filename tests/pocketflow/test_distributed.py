@@ -177,6 +177,9 @@ class RatioSearcher:
     def search_space(self, trial):
         return {"ratio": trial.suggest_float("ratio", 0.1, 1.0)}
 
+    def searched_targets(self, target):
+        return target.requested()
+
 
 def test_searchers_that_open_and_ask_at_once_never_overshoot_the_budget_or_queue_the_reference_twice(tmp_path):
     """Eight searchers of one SQLite study start together (a barrier), budget 5: exactly 5 trials."""
