@@ -111,14 +111,20 @@ def digits():
     return load_dataset(DataConfig(name="digits"), seed=0)
 
 
-def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
+def _tiny_int8_setup(digits):
+    """A one-conv digits model and a learner context aiming at int8."""
     inputs = tf.keras.Input(digits.input_shape)
     x = L.ReLU()(L.Conv2D(8, 3, padding="same")(inputs))
     model = tf.keras.Model(inputs, L.Dense(digits.num_classes)(L.GlobalAveragePooling2D()(x)))
     schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
     context = LearnerContext(dataset=digits, schedule=schedule, target=TargetConfig(bits=8),
                              distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")),
-                             latency_runs=5)
+                             latency_runs=3)
+    return model, context
+
+
+def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
+    model, context = _tiny_int8_setup(digits)
     learner = UniformQuantizationLearner(UniformConfig(method="ptq", compare_dynamic=False), context)
     assert learner.max_trials() == 1
     learner.prepare(model)
@@ -138,13 +144,7 @@ def test_the_model_is_the_one_the_shipped_file_is_converted_from(digits, tmp_pat
     """finalize chooses QAT or post-training int8 on validation scores; when post-training int8 ships,
     the finalized model (model.keras, the report's Keras figures) is the baseline it is converted from,
     not the QAT-trained twin; when QAT ships, it is the QAT-trained weights."""
-    inputs = tf.keras.Input(digits.input_shape)
-    x = L.ReLU()(L.Conv2D(8, 3, padding="same")(inputs))
-    model = tf.keras.Model(inputs, L.Dense(digits.num_classes)(L.GlobalAveragePooling2D()(x)))
-    schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
-    context = LearnerContext(dataset=digits, schedule=schedule, target=TargetConfig(bits=8),
-                             distributed=SingleProcess(), baseline_tflite_bytes=len(convert(model, "float")),
-                             latency_runs=3)
+    model, context = _tiny_int8_setup(digits)
     learner = UniformQuantizationLearner(UniformConfig(compare_dynamic=False, representative_samples=32), context)
     learner.prepare(model)
     candidate = learner.finetune(learner.compress(learner.options), 0.2)
