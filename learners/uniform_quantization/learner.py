@@ -34,7 +34,7 @@ from learners.uniform_quantization.options import (  # noqa: F401 - the options 
 )
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
 from pocketflow.config import TargetConfig
-from pocketflow.export import TFLiteMeasurement, TFLiteModel, convert, tflite_accuracy
+from pocketflow.export import TFLiteMeasurement, TFLiteModel, convert, tflite_accuracy, write_atomic
 from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
 
@@ -138,7 +138,7 @@ class UniformQuantizationLearner(Learner):
         with tempfile.TemporaryDirectory() as directory:
             for method, model in (("qat", qat_model), ("ptq", self.baseline)):
                 path = Path(directory) / f"{method}.tflite"
-                path.write_bytes(convert(model, "int8", representative))
+                write_atomic(path, convert(model, "int8", representative))
                 scores[method] = tflite_accuracy(TFLiteModel(path, threads=self.context.threads), images, labels)
         return scores
 
