@@ -170,15 +170,15 @@ def _tuple(values: Any) -> Optional[tuple]:
 def _load_lines(best: Dict[str, Any], runtime_file: str) -> List[str]:
     """LiteRT load lines for ``runtime_file``: without the default delegate where the run measured it so
     (XNNPACK fails to prepare some sparse int8 convolutions, and then the file does not load with it)."""
-    lines = ["from ai_edge_litert.interpreter import Interpreter"]
     delegation = next((measured for name, measured in (best.get("delegation") or {}).items()
                        if Path(name).name == runtime_file), {})
     if delegation.get("partitions") == 0 and delegation.get("ops"):
-        return lines[:1] + ["from ai_edge_litert.interpreter import OpResolverType",
-                            f"interpreter = Interpreter(model_path=\"{runtime_file}\",  # XNNPACK cannot prepare it",
-                            "                          experimental_op_resolver_type="
-                            "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)", "interpreter.allocate_tensors()"]
-    return lines + [f"interpreter = Interpreter(model_path=\"{runtime_file}\")", "interpreter.allocate_tensors()"]
+        return ["from ai_edge_litert.interpreter import Interpreter, OpResolverType",
+                f"interpreter = Interpreter(model_path=\"{runtime_file}\",  # XNNPACK cannot prepare it",
+                "                          experimental_op_resolver_type="
+                "OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)", "interpreter.allocate_tensors()"]
+    return ["from ai_edge_litert.interpreter import Interpreter",
+            f"interpreter = Interpreter(model_path=\"{runtime_file}\")", "interpreter.allocate_tensors()"]
 
 
 def _readme(best: Dict[str, Any], shipped_format: str, shipped: str, runtime_file: Optional[str]) -> List[str]:

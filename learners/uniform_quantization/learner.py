@@ -48,9 +48,11 @@ class QatState:
     qat_model: tf.keras.Model
     left_float: List[str] = field(default_factory=list)
     trained_epochs: float = 0.0
-    # set by finalize: each int8 file's validation accuracy, and whether post-training int8 ships
+    # set by finalize: each int8 file's validation accuracy, whether post-training int8 ships, and the
+    # files it scored (by method; the chief's), which write_artifacts ships rather than converting again
     validation: Dict[str, float] = field(default_factory=dict)
     ships_ptq: bool = False
+    int8_files: Dict[str, bytes] = field(default_factory=dict)
 
 
 @register_learner
@@ -120,7 +122,7 @@ class UniformQuantizationLearner(Learner):
         if state is None:
             return candidate
         if hasattr(self.context.dataset, "validation_arrays"):
-            scores = self._int8_validation(state.qat_model) if self.context.distributed.is_chief else None
+            scores = self._int8_validation(state) if self.context.distributed.is_chief else None
             state.validation = self.context.distributed.broadcast_object(scores)
             state.ships_ptq = state.validation["ptq"] > state.validation["qat"]
             if state.ships_ptq:
@@ -130,28 +132,38 @@ class UniformQuantizationLearner(Learner):
                 return candidate.with_model(self.baseline)
         return candidate.with_model(copy_back(state.qat_model, self.baseline))
 
-    def _int8_validation(self, qat_model: tf.keras.Model) -> Dict[str, float]:
-        """Validation accuracy of the QAT int8 file and of the baseline's post-training int8 file."""
+    def _int8_validation(self, state: QatState) -> Dict[str, float]:
+        """Validation accuracy of the QAT int8 file and of the baseline's post-training int8 file (both
+        kept in ``state.int8_files``: they are the files write_artifacts ships and measures)."""
         images, labels = self.context.dataset.validation_arrays()
-        representative = self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
+        representative = self._representative()
         scores = {}
         with tempfile.TemporaryDirectory() as directory:
-            for method, model in (("qat", qat_model), ("ptq", self.baseline)):
+            for method, model in (("qat", state.qat_model), ("ptq", self.baseline)):
+                state.int8_files[method] = convert(model, "int8", representative)
                 path = Path(directory) / f"{method}.tflite"
-                write_atomic(path, convert(model, "int8", representative))
+                write_atomic(path, state.int8_files[method])
                 scores[method] = tflite_accuracy(TFLiteModel(path, threads=self.context.threads), images, labels)
         return scores
 
+    def _representative(self):
+        return self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
+
     # ------------------------------------------------------------------ ship and report
-    def _export(self, model: tf.keras.Model, path: Path, mode: str) -> TFLiteMeasurement:
-        dataset = self.context.dataset
-        images, labels = dataset.test_arrays()
-        representative = dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
-        return self.context.export_and_measure(model, path, mode, images, labels, representative)
+    def _export(self, model: tf.keras.Model, path: Path, mode: str, converted: Optional[bytes] = None
+                ) -> TFLiteMeasurement:
+        """Write ``model`` as a ``mode`` TFLite file (``converted``: the file finalize already made of it)
+        and measure it."""
+        images, labels = self.context.dataset.test_arrays()
+        if converted is None:
+            return self.context.export_and_measure(model, path, mode, images, labels, self._representative())
+        write_atomic(path, converted)
+        return self.context.measure_file(path, mode, images, labels)
 
     def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         model, state = candidate.model, candidate.state
-        ptq = self._export(self.baseline, directory / "ptq_int8.tflite", "int8")
+        converted = state.int8_files if state is not None else {}
+        ptq = self._export(self.baseline, directory / "ptq_int8.tflite", "int8", converted.get("ptq"))
         fields: Dict[str, Any] = {
             "ptq_int8_accuracy": ptq.accuracy, "ptq_int8_latency_ms": ptq.latency_ms,
             "ptq_int8_bytes": ptq.bytes, "ptq_int8_path": ptq.path,
@@ -161,7 +173,7 @@ class UniformQuantizationLearner(Learner):
             fields.update(dynamic_tflite_accuracy=dynamic.accuracy, dynamic_tflite_latency_ms=dynamic.latency_ms,
                           dynamic_tflite_bytes=dynamic.bytes)
         if state is not None:
-            shipped = self._export(state.qat_model, directory / "model_int8.tflite", "int8")
+            shipped = self._export(state.qat_model, directory / "model_int8.tflite", "int8", converted.get("qat"))
             fields.update(qat_int8_accuracy=shipped.accuracy, qat_epochs=state.trained_epochs,
                           method="qat", layers_left_float=list(state.left_float))
             if state.trained_epochs == 0:

@@ -148,10 +148,10 @@ def test_the_model_is_the_one_the_shipped_file_is_converted_from(digits, tmp_pat
     learner = UniformQuantizationLearner(UniformConfig(compare_dynamic=False, representative_samples=32), context)
     learner.prepare(model)
     candidate = learner.finetune(learner.compress(learner.options), 0.2)
-    measured = learner._int8_validation(candidate.state.qat_model)  # the real scores, then the choice forced
+    measured = learner._int8_validation(candidate.state)  # the real scores, then the choice forced
     assert set(measured) == {"qat", "ptq"} and all(0.0 <= value <= 1.0 for value in measured.values())
     forced = {"qat": 0.5, "ptq": 0.9} if ptq_wins else {"qat": 0.9, "ptq": 0.5}
-    monkeypatch.setattr(learner, "_int8_validation", lambda qat_model: forced)
+    monkeypatch.setattr(learner, "_int8_validation", lambda state: forced)
     finished = learner.finalize(candidate)
     images = digits.sample_train(16, seed=1)
     if ptq_wins:
@@ -163,6 +163,8 @@ def test_the_model_is_the_one_the_shipped_file_is_converted_from(digits, tmp_pat
     fields = learner.write_artifacts(finished, tmp_path)
     assert fields["shipped_method"] == ("ptq" if ptq_wins else "qat")
     assert fields["artifact_path"] == (fields["ptq_int8_path"] if ptq_wins else str(tmp_path / "model_int8.tflite"))
+    method = "ptq" if ptq_wins else "qat"  # the shipped file is the one finalize scored, not a second conversion
+    assert open(fields["artifact_path"], "rb").read() == candidate.state.int8_files[method]
     assert (fields["qat_int8_validation_accuracy"], fields["ptq_int8_validation_accuracy"]) == (
         forced["qat"], forced["ptq"])
 
