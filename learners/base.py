@@ -183,6 +183,11 @@ class Learner(abc.ABC):
     def compress(self, hparams: Any) -> Candidate:
         """A compressed candidate built from the prepared baseline (which must not be modified)."""
 
+    def expected_bytes(self) -> Optional[int]:
+        """Bytes of the file this learner would ship for its prepared baseline at its reference
+        hyperparameters, before any training (a chain sizes its pruning with it); None: unknown."""
+        return None
+
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         """Target quantities of a candidate; the default measures MACs and the MAC speedup."""
         macs = count_macs(candidate.model)

@@ -21,8 +21,12 @@ channel) steer the search; the others (``--target-bits``, ``--target-sparsity``,
 ``--target-compression``) go to the last stage and are checked on the shipped file. A compression
 target is overall (the original baseline's float TFLite file over the shipped one), so the last stage
 sizes its file with the pruning already counted: the overall target is split between the stages by
-what the first one reached. The last stage is also set by its options (``--bits 8``,
-``uniform.qat_epochs``). ``SUPPORTED`` lists the chains.
+what the first one reached. With ``--target-bits`` as well, the last stage's width is fixed, so the
+pruning makes up the rest (``ChainLearner.pruning_compression``): the last stage's file is sized
+before any training on the original model and on the first stage's reference candidate, and the first
+stage searches under the float-file budget that puts the last stage's file on the overall target. The
+last stage is also set by its options (``--bits 8``, ``uniform.qat_epochs``). ``SUPPORTED`` lists the
+chains.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import tensorflow as tf
 from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from pocketflow.config import TargetConfig, check_fields, parse_section
 from pocketflow.errors import ConfigError
+from pocketflow.export import convert
 from pocketflow.metrics import count_macs, count_params
 from pocketflow.training import accuracy
 
@@ -133,11 +138,23 @@ class ChainLearner(Learner):
     @classmethod
     def stage_targets(cls, target: TargetConfig) -> Tuple[TargetConfig, TargetConfig]:
         """(the first stage's targets, the last stage's): a kind the first stage meets is its own, the
-        rest belong to the last stage (compression there is overall, see the module docstring)."""
+        rest belong to the last stage. Compression is overall: the last stage's, unless --target-bits fixes
+        that stage's width; then neither stage gets it as given (``pruning_compression`` derives the
+        first stage's share once the baseline is known)."""
         first = cls.stage_classes[0]
         requested = target.requested()
+        compression = requested.pop("compression", None)
+        last = {kind: value for kind, value in requested.items() if kind not in first.targets}
+        if compression is not None and not cls.splits_compression(target):
+            last["compression"] = compression
         return (TargetConfig(**{kind: value for kind, value in requested.items() if kind in first.targets}),
-                TargetConfig(**{kind: value for kind, value in requested.items() if kind not in first.targets}))
+                TargetConfig(**last))
+
+    @classmethod
+    def splits_compression(cls, target: TargetConfig) -> bool:
+        """An overall compression with the last stage's bits fixed: the pruning must make up the rest."""
+        return (target.compression is not None and target.bits is not None
+                and "compression" in cls.stage_classes[0].targets)
 
     @classmethod
     def searched_targets(cls, target: TargetConfig) -> Dict[str, float]:
@@ -162,13 +179,76 @@ class ChainLearner(Learner):
         super().__init__(options, context)
         first_class = self.stage_classes[0]
         # The first stage's choices that depend on its fine-tuning budget (channel's criterion) see its share.
-        first_context = dataclasses.replace(context, target=self.stage_targets(context.target)[0],
-                                            finetune_epochs=context.finetune_epochs * (1.0 - options.last_stage_share))
-        self.first = first_class(options.stages[first_class.name], first_context)
+        self._first_context = dataclasses.replace(
+            context, target=self.stage_targets(context.target)[0],
+            finetune_epochs=context.finetune_epochs * (1.0 - options.last_stage_share))
+        self.first = first_class(options.stages[first_class.name], self._first_context)
+        self.split: Optional[Dict[str, Any]] = None  # how an overall compression was split (report.json)
 
     def prepare(self, baseline: tf.keras.Model) -> None:
+        if self._baseline is baseline:
+            return
         super().prepare(baseline)
         self.first.prepare(baseline)
+        if self.splits_compression(self.context.target):
+            share = self.pruning_compression(baseline)
+            first_target = dataclasses.replace(self._first_context.target, compression=share)
+            first_class = self.stage_classes[0]
+            self.first = first_class(self.options.stages[first_class.name],
+                                     dataclasses.replace(self._first_context, target=first_target))
+            self.first.prepare(baseline)
+
+    # ------------------------------------------------------------------ an overall size with fixed bits
+    def pruning_compression(self, baseline: tf.keras.Model) -> Optional[float]:
+        """How many times smaller the first stage must make the float file so that the last stage's
+        file, at its fixed bits, meets the overall --target-compression (None: any pruning does).
+
+        The last stage sizes its file before any training (``Learner.expected_bytes``) for the original
+        model and for the first stage's reference candidate; its size is taken as linear in the float
+        file's between those two points (both move with the weights the pruning removes)."""
+        target = self.context.target
+        last_options = self.options.stages[self.stage_classes[-1].name]
+        last_target = self.stage_targets(target)[1]
+        last_class = self.stage_classes[-1].strategy(last_options, last_target)
+        base_float = self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes)
+        if not base_float:
+            raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass --export "
+                              "none with this target")
+        reference = self.first.compress(self.first.search_space(optuna.trial.FixedTrial(
+            self.first.reference_params())))
+        ref_float = len(convert(reference.model, "float"))
+        base_last = self._expected_bytes(last_class, last_options, last_target, baseline)
+        ref_last = self._expected_bytes(last_class, last_options, last_target, reference.model)
+        if base_last is None or ref_last is None:
+            raise ConfigError(f"the {last_class.name} stage of '{self.name}' cannot size its file before training, "
+                              f"so an overall --target-compression cannot be split with --target-bits fixed; give "
+                              f"one of the two")
+        goal = base_float / target.compression
+        if ref_float < base_float and base_last > ref_last:
+            slope = (base_last - ref_last) / (base_float - ref_float)
+        else:  # the reference prunes nothing: proportional
+            slope = base_last / base_float
+        needed = ref_float + (goal - ref_last) / slope
+        if needed <= 0:
+            raise ConfigError(f"an overall --target-compression of {target.compression:g} cannot be met at "
+                              f"--target-bits {target.bits:g}: the {last_class.name} stage's fixed part alone "
+                              f"is {ref_last - slope * ref_float:,.0f} bytes; lower the compression or the bits")
+        share = base_float / needed
+        self.split = {"overall_compression": target.compression, "bits": target.bits,
+                      "pruning_float_compression": share,
+                      "reference": {"float_bytes": ref_float, "last_stage_bytes": ref_last},
+                      "baseline": {"float_bytes": base_float, "last_stage_bytes": base_last}}
+        log.info("overall compression %gx at %g bits: the pruning makes the float file %.3gx smaller (its reference "
+                 "candidate %.3gx; %s's file of it %.1f KB, of the original %.1f KB)", target.compression,
+                 target.bits, share, base_float / ref_float, last_class.name, ref_last / 1024, base_last / 1024)
+        return share if share > 1.0 else None
+
+    def _expected_bytes(self, last_class: type, options: Any, target: TargetConfig,
+                        model: tf.keras.Model) -> Optional[int]:
+        context = dataclasses.replace(self.context, target=target, baseline_macs=count_macs(model))
+        learner = last_class(options, context)
+        learner.prepare(model)
+        return learner.expected_bytes()
 
     def reachable(self) -> Dict[str, float]:
         return self.first.reachable()
@@ -189,9 +269,10 @@ class ChainLearner(Learner):
         return self.first.compress(hparams)
 
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
-        if isinstance(candidate.state, ChainState):
-            return self.first.candidate_metrics(candidate.state.first)
-        return self.first.candidate_metrics(candidate)
+        first = candidate.state.first if isinstance(candidate.state, ChainState) else candidate
+        metrics = self.first.candidate_metrics(first)
+        metrics.pop("compression", None)  # the pruning's own file: not the overall figure the target names
+        return metrics
 
     # ------------------------------------------------------------------ the winner through every stage
     def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Any] = None) -> Candidate:
@@ -252,7 +333,10 @@ class ChainLearner(Learner):
         state.records[0].update({key: value for key, value in first_facts.items() if key != "report_sections"})
         state.records[1].update({key: value for key, value in last_facts.items() if key != "report_sections"})
         sections = first_facts.get("report_sections", []) + last_facts.get("report_sections", [])
-        return {**last_facts, "stages": state.records, "report_sections": sections}
+        facts = {**last_facts, "stages": state.records, "report_sections": sections}
+        if self.split is not None:
+            facts["compression_split"] = self.split
+        return facts
 
     def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
         """The last stage's shipped file; the first stage's finished model in float beside it
@@ -272,6 +356,10 @@ class ChainLearner(Learner):
                                  if key in fields})
         lines = [f"{index}. {record['learner']}: " + _stage_line(record) for index, record in
                  enumerate(state.records, 1)]
+        if self.split is not None:
+            lines.append(f"The overall {self.split['overall_compression']:g}x at {self.split['bits']:g} bits was split: "
+                         f"the pruning searched under a float file {self.split['pruning_float_compression']:.3g}x "
+                         f"smaller than the original's (sized before training: see compression_split in report.json).")
         sections = [{"title": f"Stages of {self.name}", "lines": lines}]
         return {**fields, "stages": state.records,
                 "report_sections": self.describe(candidate)["report_sections"] + sections}

@@ -396,14 +396,17 @@ class ChannelAnalysis:
         return _MacTerm(layer, in_shape, out_shape, self._form(info.in_layouts[0]),
                         self._form(info.out_layouts[0]))
 
-    def _term_macs(self, term: _MacTerm, counts: Mapping[str, int]) -> int:
+    def _term_shapes(self, term: _MacTerm, counts: Mapping[str, int]) -> Tuple[tuple, tuple]:
+        """The layer's (input, output) shapes with ``counts`` channels kept."""
         def value(form: Tuple[int, Dict[str, int]]) -> int:
             constant, terms = form
             return constant + sum(multiplicity * int(counts.get(group, self._group_size[group]))
                                   for group, multiplicity in terms.items())
 
-        in_shape = term.in_shape[:-1] + (value(term.in_form),)
-        out_shape = term.out_shape[:-1] + (value(term.out_form),)
+        return term.in_shape[:-1] + (value(term.in_form),), term.out_shape[:-1] + (value(term.out_form),)
+
+    def _term_macs(self, term: _MacTerm, counts: Mapping[str, int]) -> int:
+        in_shape, out_shape = self._term_shapes(term, counts)
         counter = metrics.mac_counter(term.layer)  # the same convention as count_macs
         return int(counter(term.layer, in_shape, out_shape))
 
@@ -419,6 +422,23 @@ class ChannelAnalysis:
                 raise ValueError(f"group '{group}': keep count {count} is outside "
                                  f"[1, {self.groups[group].channels}]")
         return self._constant_macs + sum(self._term_macs(term, keep_counts) for term in self._mac_terms)
+
+    def weights_for(self, keep_counts: Mapping[str, int]) -> int:
+        """Weights a deployed file stores for the counted layers with ``keep_counts`` kept: kernel
+        entries plus one bias per output channel (BatchNorm folds into it). A file's size moves with
+        this number when channels go (float32: 4 bytes each), which makes size targets exact
+        arithmetic like ``macs_for``. A layer called twice counts once."""
+        self.macs_for(keep_counts)  # validates the counts
+        total, seen = 0, set()
+        for term in self._mac_terms:
+            if id(term.layer) in seen:
+                continue
+            seen.add(id(term.layer))
+            in_shape, out_shape = self._term_shapes(term, keep_counts)
+            single = lambda shape: (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)  # noqa: E731
+            counter = metrics.mac_counter(term.layer)
+            total += int(counter(term.layer, single(in_shape), single(out_shape))) + int(out_shape[-1])
+        return total
 
     def min_macs(self) -> int:
         """MACs when every prunable group keeps a single channel (the floor of any pruning)."""

@@ -2,7 +2,9 @@
 
 The optimizer proposes one keep ratio per prunable channel group; the ratios are then
 scaled together so the pruned model's MACs land in [target, 1.05 x target] speedup (exact
-MAC arithmetic, no model is built for that). Channels are chosen by LASSO on sampled
+MAC arithmetic, no model is built for that). A size target (``--target-compression``: the float
+TFLite file that many times smaller) is a second ceiling, on the weights the file stores, met the
+same way; with both, the tighter one decides. Channels are chosen by LASSO on sampled
 feature maps with least-squares reconstruction of the next layer (He et al. 2017) or by
 filter L1 norm, and the candidate is a new, smaller Keras model.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +31,8 @@ from pocketflow.training import from_trained, recalibrate_batchnorm, settle_batc
 log = logging.getLogger(__name__)
 
 UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
+SIZE_MARGIN = 0.005  # plan the file 0.5% under its byte budget (the file's fixed part moves a little)
+FLOAT_BYTES = 4  # a float32 weight in the file
 # channel.criterion = auto picks L1 selection (no re-fit) from this many fine-tuning epochs on, LASSO
 # with the re-fit below it. Default search on the shared ResNet-20, distilled fine-tuning, one run
 # each (docs/channel-recovery.md): LASSO + re-fit ahead by 0.64 points after 1 epoch at 3x, level
@@ -92,7 +96,7 @@ class ChannelHyperparameters:
 class ChannelPruningLearner(Learner):
     name = "channel"
     Config = ChannelConfig
-    targets = ("speedup",)
+    targets = ("speedup", "compression")
     pareto_cost = "macs"  # --objective pareto: accuracy vs MACs (leave the target off for a spread)
     distill_by_default = True
 
@@ -101,11 +105,26 @@ class ChannelPruningLearner(Learner):
         self._analysis: Optional[ChannelAnalysis] = None
         self._samples: Optional[np.ndarray] = None
         self._baseline_cache = BaselineCache()  # the baseline's sampled statistics, shared by every candidate
+        self._baseline_bytes: Optional[int] = None  # the baseline's float TFLite file (size targets)
 
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> None:
         super().prepare(baseline)
         self.analysis(baseline)
+        if self.context.target.compression is not None and self._baseline_bytes is None:
+            # every rank projects candidates, and only the chief measured the baseline's file
+            self._baseline_bytes = self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes)
+            if not self._baseline_bytes:
+                raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass "
+                                  "--export none with this target")
+
+    def float_bytes(self, keep_counts: Mapping[str, int]) -> float:
+        """The float TFLite file's size with ``keep_counts`` kept: the baseline's file less 4 bytes for
+        every weight the pruning removes (``ChannelAnalysis.weights_for``; within a few hundred bytes
+        of the converted file on ResNet-56)."""
+        analysis = self.analysis(self.baseline)
+        removed = analysis.weights_for({}) - analysis.weights_for(keep_counts)
+        return float(self._baseline_bytes) - FLOAT_BYTES * removed
 
     def analysis(self, model: tf.keras.Model) -> ChannelAnalysis:
         """The channel analysis of ``model`` (computed once per model)."""
@@ -145,8 +164,31 @@ class ChannelPruningLearner(Learner):
 
     def reachable(self) -> Dict[str, float]:
         analysis = self.analysis(self.baseline)
-        floor = analysis.macs_for(self._floor_counts(self.baseline))
-        return {"speedup": analysis.total_macs / floor}
+        floor_counts = self._floor_counts(self.baseline)
+        reached = {"speedup": analysis.total_macs / analysis.macs_for(floor_counts)}
+        if self._baseline_bytes:
+            reached["compression"] = self._baseline_bytes / self.float_bytes(floor_counts)
+        return reached
+
+    def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
+        metrics = super().candidate_metrics(candidate)
+        if self._baseline_bytes and isinstance(candidate.state, dict):
+            metrics["compression"] = self._baseline_bytes / self.float_bytes(candidate.state)
+        return metrics
+
+    def _ceilings(self) -> List[Tuple[Callable[[Mapping[str, int]], float], float]]:
+        """(cost of some keep counts, the most it may be) for each target given: MACs for a speedup,
+        the weights the file stores for a compression."""
+        analysis = self.analysis(self.baseline)
+        target = self.context.target
+        ceilings: List[Tuple[Callable[[Mapping[str, int]], float], float]] = []
+        if target.speedup is not None:
+            ceilings.append((analysis.macs_for, analysis.total_macs / target.speedup))
+        if target.compression is not None:
+            budget = self._baseline_bytes / target.compression * (1.0 - SIZE_MARGIN)
+            removed = (self._baseline_bytes - budget) / FLOAT_BYTES
+            ceilings.append((analysis.weights_for, analysis.weights_for({}) - removed))
+        return ceilings
 
     def unreachable_hint(self) -> str:
         options = self.options
@@ -193,45 +235,47 @@ class ChannelPruningLearner(Learner):
         return None
 
     def project(self, raw_ratios: Mapping[str, float]) -> Dict[str, int]:
-        """Scale the proposed ratios together so the MAC speedup lies in [target, 1.05 x target].
+        """Scale the proposed ratios together so the MAC speedup lies in [target, 1.05 x target]
+        (or, with a size target, so the file meets it; with both, the tighter one decides).
 
         Ratios are multiplied by one factor s (clipped to [min_ratio, 1]); the largest s whose
-        MACs meet the target is found by bisection on exact MAC counts, then single channels
-        are added greedily (cheapest first) while the speedup stays >= target.
+        costs meet every ceiling is found by bisection on exact counts, then single channels
+        are added greedily (cheapest first) while every ceiling still holds.
         """
         analysis = self.analysis(self.baseline)
-        target = self.context.target.speedup
         channels = self._groups(analysis.model)
         floor = self._floor_counts(analysis.model)
-        if target is None:
+        ceilings = self._ceilings()
+        if not ceilings:
             return {name: max(floor[name], self._snap(channels[name], raw_ratios[name] * channels[name]))
-                for name in channels}
-        ceiling_macs = analysis.total_macs / target
+                    for name in channels}
+
+        def fits(counts: Mapping[str, int]) -> bool:
+            return all(cost(counts) <= ceiling for cost, ceiling in ceilings)
 
         def counts_at(scale: float) -> Dict[str, int]:
             return {name: max(floor[name], self._snap(channels[name], raw_ratios[name] * scale * channels[name]))
                     for name in channels}
 
         low, high = 0.0, max(1.0 / max(r, 1e-6) for r in raw_ratios.values())
-        if analysis.macs_for(counts_at(low)) > ceiling_macs:
+        if not fits(counts_at(low)):
             return counts_at(low)  # unreachable: the floor itself misses the target
         for _ in range(40):
             middle = (low + high) / 2
-            if analysis.macs_for(counts_at(middle)) <= ceiling_macs:
+            if fits(counts_at(middle)):
                 low = middle
             else:
                 high = middle
         shape = {name: max(raw_ratios[name], 1e-6) for name in channels}
-        counts = self._fill(counts_at(low), channels, ceiling_macs, self.options.channel_multiple, shape)
-        if analysis.macs_for(counts) < ceiling_macs / UPPER_SLACK:  # coarse steps overshot the window
-            counts = self._fill(counts, channels, ceiling_macs, 1, shape)
+        counts = self._fill(counts_at(low), channels, fits, self.options.channel_multiple, shape)
+        if all(cost(counts) < ceiling / UPPER_SLACK for cost, ceiling in ceilings):  # coarse steps overshot
+            counts = self._fill(counts, channels, fits, 1, shape)
         return counts
 
-    def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], ceiling_macs: float, step: int,
-              shape: Mapping[str, float]) -> Dict[str, int]:
-        """Widen groups by ``step`` while MACs stay under the ceiling, always the group furthest
-        below its proposed share (``shape``), so the proposal's proportions are kept."""
-        analysis = self._analysis
+    def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], fits: Callable[[Mapping[str, int]], bool],
+              step: int, shape: Mapping[str, float]) -> Dict[str, int]:
+        """Widen groups by ``step`` while every ceiling holds, always the group furthest below its
+        proposed share (``shape``), so the proposal's proportions are kept."""
         counts = dict(counts)
         while True:
             fitting = []
@@ -240,7 +284,7 @@ class ChannelPruningLearner(Learner):
                     continue
                 widened = dict(counts)
                 widened[name] = min(channels[name], counts[name] + step)
-                if analysis.macs_for(widened) <= ceiling_macs:
+                if fits(widened):
                     fitting.append((counts[name] / (shape[name] * channels[name]), name))
             if not fitting:
                 return counts

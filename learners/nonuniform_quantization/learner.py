@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional
 
 import numpy as np
+import optuna
 
 from learners.base import Candidate, register_learner
 from learners.bit_budget import project_bits
@@ -172,6 +173,11 @@ class NonUniformLearner(CodebookLearner):
             value = min(self.options.max_bits, max(self.options.min_bits, self._uniform_proposal()))
             params.update({f"bits_{w.key}": value for w in self._weights})
         return params
+
+    def expected_bytes(self) -> Optional[int]:
+        """The codebook file at the reference widths, predicted exactly (codes, codebooks, the rest)."""
+        hparams = self.search_space(optuna.trial.FixedTrial(self.reference_params()))
+        return self.predicted_bytes(hparams.bits, self._layouts())
 
     def max_trials(self) -> Optional[int]:
         if self.options.mode == "uniform":

@@ -85,6 +85,17 @@ class UniformQuantizationLearner(Learner):
         kernels = sum(int(w.shape.num_elements()) for w in model.weights if "kernel" in w.name)
         return float_bytes / max(1.0, float_bytes - 3.0 * kernels)
 
+    def expected_bytes(self) -> Optional[int]:
+        """The int8 file of the baseline, converted (a few calibration images: the size does not depend
+        on them); with QAT the larger of the post-training and the quantization-aware file."""
+        representative = self._representative()[:8]
+        sizes = [len(convert(self.baseline, "int8", representative))]
+        if self.options.trains:
+            qat_model, _ = quantize_aware(self.baseline)
+            calibrate(qat_model, self.baseline, representative)
+            sizes.append(len(convert(qat_model, "int8", representative)))
+        return max(sizes)
+
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         return {"bits": INT8_BITS, "compression": self._estimated_compression(self.baseline),
                 "params": float(count_params(self.baseline))}

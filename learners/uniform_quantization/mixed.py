@@ -248,6 +248,12 @@ class MixedPrecisionLearner(Learner):
             params.update({f"bits_{key}": self.budget() for key in self._sizes})
         return params
 
+    def expected_bytes(self) -> Optional[int]:
+        """The packed file with every kernel at the bit budget (the reference allocation's size)."""
+        budget = self.budget()
+        bits = project_bits({key: budget for key in self._sizes}, self._sizes, budget, self._low, self._high)
+        return self.predicted_bytes(bits)
+
     def max_trials(self) -> Optional[int]:
         if self.options.allocation == "uniform":
             return len(self._schemes())

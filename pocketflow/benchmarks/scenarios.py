@@ -271,6 +271,18 @@ add(
              minutes=25),
 )
 
+# ----------------------------------------------------------------------------- chains: an overall size at fixed bits
+# --target-bits fixes the last stage's width, so the pruning makes up the rest of --target-compression: it
+# searches under a float-file budget sized before training (learners/chain.py, pruning_compression).
+add(
+    Scenario("resnet20-channel-nonuniform-4bit-14x-5ep", "resnet20", "channel+non-uniform",
+             ("--target-speedup", "2.0", "--target-bits", "4", "--target-compression", "14"),
+             ("--trials", "10", "--finetune-epochs", "5"), minutes=12),
+    Scenario("resnet56-channel-int8-9x-3ep", "resnet56", "channel+uniform",
+             ("--target-speedup", "2.5", "--target-bits", "8", "--target-compression", "9"),
+             ("--trials", "12", "--finetune-epochs", "3"), minutes=25),
+)
+
 
 def select(names: List[str], quick: bool, shared_available: bool) -> List[Scenario]:
     """The scenarios to run: named ones, or all (quick: the quick ones); shared-data ones need the data."""

@@ -84,8 +84,8 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
      "unknown learner 'uniform+channel'; choose one of: channel, channel+non-uniform, channel+uniform, "
      "channel+weight-sparse"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--target-sparsity", "0.5"],
-     "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup; "
-     "uniform: --target-bits, --target-compression"),
+     "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup, "
+     "--target-compression; uniform: --target-bits, --target-compression"),
     (["--learner", "channel+non-uniform", "--target-speedup", "2"],
      "the non-uniform stage of 'channel+non-uniform': learner 'non-uniform' needs a target: pass --target-bits"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--set", "channel+uniform.last_stage_share=2"],
@@ -196,6 +196,51 @@ def test_channel_then_codebooks_meets_an_overall_compression_measured_on_the_shi
         "\n".join(shown)
     assert f"stage 2:  non-uniform, 0.2 epochs, codebook file test accuracy {100 * last['tflite_accuracy']:.2f}%" in \
         "\n".join(shown)
+
+
+def test_an_overall_compression_at_fixed_bits_is_made_up_by_the_pruning(tmp_path):
+    """--target-bits 4 fixes the codebook stage's width, so the pruning searches under a float-file budget
+    sized before training: pruning at 2x MACs alone would leave the 4-bit file short of 20x."""
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+non-uniform", "--target-speedup", "2", "--target-bits", "4",
+                 "--target-compression", "20", "--trials", "2", "--finetune-epochs", "0.3", "-q",
+                 "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    check = best["target_check"]
+    assert check["compression"]["met"] is True and check["bits"]["met"] is True and check["speedup"]["met"] is True
+    baseline_bytes = report["baseline"]["bytes"]
+    assert baseline_bytes / Path(best["artifact_path"]).stat().st_size >= 20
+    split = best["compression_split"]
+    reference = split["reference"]
+    # the reference candidate (2x MACs, no size ceiling): its 4-bit file would have missed the target
+    assert baseline_bytes / reference["last_stage_bytes"] < 20
+    assert split["pruning_float_compression"] > baseline_bytes / reference["float_bytes"]
+    first = best["stages"][0]
+    assert baseline_bytes / first["bytes"] >= split["pruning_float_compression"] * 0.99  # the budget held
+    assert best["average_bits"] <= 4
+    assert any("was split" in line for line in (run_dir / "report.md").read_text().splitlines())
+    assert_report_matches_files(run_dir)
+
+
+def test_the_stages_targets_with_and_without_fixed_bits():
+    from pocketflow.config import TargetConfig
+
+    chain = LEARNERS.get("channel+uniform")
+    first, last = chain.stage_targets(TargetConfig(speedup=2.0, compression=10.0))
+    assert first.requested() == {"speedup": 2.0} and last.requested() == {"compression": 10.0}
+    first, last = chain.stage_targets(TargetConfig(speedup=2.0, compression=10.0, bits=8.0))
+    assert first.requested() == {"speedup": 2.0} and last.requested() == {"bits": 8.0}  # split after prepare
+    assert chain.splits_compression(TargetConfig(speedup=2.0, compression=10.0, bits=8.0))
+
+
+def test_an_overall_compression_no_pruning_can_reach_at_fixed_bits_is_one_clear_line(tmp_path, capsys):
+    assert main(["--learner", "channel+uniform", "--target-speedup", "2", "--target-bits", "8",
+                 "--target-compression", "900", "--trials", "1", "--finetune-epochs", "0", "-q",
+                 "--set", "uniform.method=ptq", "--output-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "an overall --target-compression of 900 cannot be met at --target-bits 8" in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
 
 
 def test_channel_then_low_bit_ships_a_packed_file_that_kept_its_accuracy(tmp_path):

@@ -70,6 +70,41 @@ def test_candidate_is_physically_smaller_and_meets_the_target(trained, tmp_path)
     assert accuracy(candidate, dataset.validation(256)) > 0.8
 
 
+@pytest.mark.parametrize("speedup", [None, 1.5])
+def test_a_size_target_is_met_by_the_converted_float_file(trained, speedup):
+    """--target-compression on channel pruning: the search's size arithmetic (4 bytes per weight removed)
+    predicts the converted file, and every projected candidate's file meets the target; with a speedup
+    too, the tighter ceiling decides (here the size: 1.5x fewer MACs alone leaves a larger file)."""
+    from pocketflow.export import convert
+
+    dataset, model, schedule = trained
+    baseline_bytes = len(convert(model, "float"))
+    context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(speedup=speedup, compression=3.0),
+                             distributed=SingleProcess(), baseline_macs=count_macs(model),
+                             baseline_tflite_bytes=baseline_bytes)
+    learner = ChannelPruningLearner(ChannelConfig(criterion="l1"), context)
+    learner.prepare(model)
+    assert learner.reachable()["compression"] > 3.0
+    analysis = learner.analysis(model)
+    rng = np.random.default_rng(3)
+    for index in range(3):
+        raw = {name: float(rng.uniform(0.1, 1.0)) for name in analysis.groups}
+        if index == 0:
+            hparams = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+        else:
+            hparams = learner.search_space(optuna.trial.FixedTrial({f"keep_{name}": value
+                                                                    for name, value in raw.items()}))
+        candidate = learner.compress(hparams)
+        file_bytes = len(convert(candidate.model, "float"))
+        predicted = learner.float_bytes(hparams.keep_counts)
+        assert abs(predicted - file_bytes) <= 0.002 * file_bytes, (predicted, file_bytes)
+        metrics = learner.candidate_metrics(candidate)
+        assert 3.0 <= baseline_bytes / file_bytes <= 3.0 * 1.05, (hparams.keep_counts, file_bytes)
+        assert metrics["compression"] == pytest.approx(baseline_bytes / predicted)
+        if speedup is not None:
+            assert metrics["speedup"] > 1.05 * speedup  # the size ceiling bound, not the MACs one
+
+
 def test_l1_and_greedy_criteria(trained):
     dataset, model, _ = trained
     for criterion in ("l1", "greedy"):
