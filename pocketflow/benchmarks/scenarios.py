@@ -16,17 +16,16 @@ from typing import Dict, List, Optional, Tuple
 
 from pocketflow.registry import Registry
 
-CIFAR_PREPROCESS = ("--set", "data.mean=[0.485,0.456,0.406]", "--set", "data.std=[0.229,0.224,0.225]")
-
-
 def subject_args(subject: str, shared: str) -> Tuple[str, ...]:
-    """main.py arguments that select the model and data of a subject (``shared``: ../shared/data)."""
+    """main.py arguments that select the model and data of a subject (``shared``: ../shared/data). The
+    shared ResNets come from their recipe files in configs/ (model, data, normalization), with the model
+    and data paths pointed at ``shared``; commands run from the repository root."""
     table = {
         "digits_cnn": (),
-        "resnet20": ("--model", f"{shared}/pretrained/resnet20_cifar10.h5", "--dataset", "cifar10",
-                     "--data-dir", f"{shared}/cifar10", *CIFAR_PREPROCESS),
-        "resnet56": ("--model", f"{shared}/pretrained/resnet56_cifar10.h5", "--dataset", "cifar10",
-                     "--data-dir", f"{shared}/cifar10", *CIFAR_PREPROCESS),
+        "resnet20": ("--config", "configs/resnet20_cifar10.yaml", "--model", f"{shared}/pretrained/resnet20_cifar10.h5",
+                     "--data-dir", f"{shared}/cifar10"),
+        "resnet56": ("--config", "configs/resnet56_cifar10.yaml", "--model", f"{shared}/pretrained/resnet56_cifar10.h5",
+                     "--data-dir", f"{shared}/cifar10"),
         "lenet-mnist": ("--net", "lenet", "--dataset", "mnist", "--data-dir", f"{shared}/mnist"),
         "lenet-fashion": ("--net", "lenet", "--dataset", "fashion-mnist", "--data-dir", f"{shared}/fashion-mnist"),
     }

@@ -27,6 +27,20 @@ def test_every_scenario_is_a_valid_run(name):
         assert config.train.finetune_epochs is not None or scenario.method == "tflite-ptq"
 
 
+@pytest.mark.parametrize("name", ["resnet20-channel-2x", "resnet56-channel-int8-9x-3ep", "resnet20-torch-pruning-2x"])
+def test_the_shared_resnets_come_from_their_recipe_files_pointed_at_the_shared_data(name):
+    """configs/resnet{20,56}_cifar10.yaml hold the model, data and normalization every ResNet row uses; the
+    scenario points the paths at the --shared-data folder (flags override the file)."""
+    scenario = SCENARIOS.get(name)
+    arguments = scenario.arguments("/elsewhere/data")
+    assert "--config" in arguments and "--set" not in arguments[:arguments.index("--data-dir") + 2]
+    data, source = merged_config_dict(build_parser().parse_args(["--learner", "channel", *arguments]))
+    config = build_run_config(data, LEARNERS.names(), source)
+    assert config.model == f"/elsewhere/data/pretrained/{scenario.subject}_cifar10.h5"
+    assert config.data.name == "cifar10" and config.data.dir == "/elsewhere/data/cifar10"
+    assert config.data.mean == (0.485, 0.456, 0.406) and config.data.std == (0.229, 0.224, 0.225)
+
+
 def test_quick_selection_needs_no_shared_data():
     quick = select([], quick=True, shared_available=False)
     assert quick and all(not s.needs_shared() and s.quick for s in quick)
