@@ -45,6 +45,7 @@ from pocketflow.config import TargetConfig, check_fields, parse_section
 from pocketflow.errors import ConfigError
 from pocketflow.export import convert
 from pocketflow.metrics import count_macs, count_params
+from pocketflow.runs import stage_summary
 from pocketflow.training import accuracy
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ class ChainLearner(Learner):
                                                               "tflite_accuracy", "artifact_path", "artifact_bytes",
                                                               "artifact_accuracy", "tflite_latency_ms")
                                  if key in fields})
-        lines = [f"{index}. {record['learner']}: " + _stage_line(record) for index, record in
+        lines = [f"{index}. {record['learner']}: " + stage_summary(record, detailed=True) for index, record in
                  enumerate(state.records, 1)]
         if self.split is not None:
             lines.append(f"The overall {self.split['overall_compression']:g}x at {self.split['bits']:g} bits was split: "
@@ -368,21 +369,6 @@ class ChainLearner(Learner):
         if not isinstance(candidate.state, ChainState):
             raise RuntimeError(f"learner '{self.name}': finalize the candidate before describing or shipping it")
         return candidate.state
-
-
-def _stage_line(record: Mapping[str, Any]) -> str:
-    parts = [f"fine-tuned {record['finetune_epochs']:g} epochs"]
-    if record.get("shipped_method"):
-        parts.append(f"shipped {record['shipped_method']}")
-    if record.get("macs"):
-        parts.append(f"{record['macs']:,} MACs")
-    measured = record.get("tflite_accuracy", record.get("artifact_accuracy"))  # a container: measured in Keras
-    if measured is not None:
-        size = record.get("artifact_bytes") or record.get("bytes")
-        parts.append(f"{record.get('shipped_format', 'float TFLite')} test accuracy {100 * measured:.2f}%"
-                     + (f", {size / 1024:.1f} KB" if size else "")
-                     + (f", {record['tflite_latency_ms']:.3f} ms" if record.get("tflite_latency_ms") else ""))
-    return "; ".join(parts)
 
 
 def chain_class(first: str, last: str) -> type:

@@ -68,18 +68,28 @@ def summary_lines(report: Dict[str, Any]) -> List[str]:
 
 def _stage_lines(stages: List[Dict[str, Any]]) -> List[str]:
     """A chain's stages, each with its own file's test accuracy and size (report.json ``best.stages``)."""
-    lines = []
-    for number, stage in enumerate(stages, 1):
-        accuracy = stage.get("tflite_accuracy", stage.get("artifact_accuracy"))
-        size = stage.get("artifact_bytes") or stage.get("bytes")
-        parts = [f"{stage.get('finetune_epochs', 0):g} epochs"]
-        if accuracy is not None:
-            kind = stage.get("shipped_format", "float TFLite").split(" (")[0]  # "codebook file (bit-packed ...)"
-            parts.append(f"{kind} test accuracy {100 * accuracy:.2f}%")
-        if size:
-            parts.append(f"{size / 1024:.1f} KB")
-        lines.append(f"stage {number}:  {stage.get('learner')}, " + ", ".join(parts))
-    return lines
+    return [f"stage {number}:  {stage.get('learner')}, {stage_summary(stage)}" for number, stage in enumerate(stages, 1)]
+
+
+def stage_summary(stage: Dict[str, Any], detailed: bool = False) -> str:
+    """One chain stage's record in words: its epochs, its file's test accuracy and size; ``detailed``
+    (report.md) adds the int8 method shipped, the MACs and the file's latency."""
+    parts = [f"{stage.get('finetune_epochs', 0):g} epochs"]
+    if detailed and stage.get("shipped_method"):
+        parts.append(f"shipped {stage['shipped_method']}")
+    if detailed and stage.get("macs"):
+        parts.append(f"{stage['macs']:,} MACs")
+    accuracy = stage.get("tflite_accuracy", stage.get("artifact_accuracy"))  # a container: measured in Keras
+    if accuracy is not None:
+        kind = stage.get("shipped_format", "float TFLite")
+        kind = kind if detailed else kind.split(" (")[0]  # "codebook file (bit-packed ...)"
+        parts.append(f"{kind} test accuracy {100 * accuracy:.2f}%")
+    size = stage.get("artifact_bytes") or stage.get("bytes")
+    if size:
+        parts.append(f"{size / 1024:.1f} KB")
+    if detailed and stage.get("tflite_latency_ms"):
+        parts.append(f"{stage['tflite_latency_ms']:.3f} ms")
+    return ", ".join(parts)
 
 
 def _percent(value: Optional[float]) -> str:

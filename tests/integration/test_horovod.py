@@ -263,14 +263,18 @@ def test_channel_job_on_two_horovod_processes_reports_once_with_identical_weight
 
 
 def test_a_chain_on_two_horovod_processes_trains_both_stages_with_identical_weights(tmp_path):
-    """channel+uniform: the pruning fine-tuning and the int8 stage's QAT both run on both ranks, in step."""
+    """channel+uniform: the pruning fine-tuning and the int8 stage's QAT both run on both ranks, in step; an
+    overall compression at fixed bits is split the same on both (the pruning's budget is sized on every rank)."""
     result, out, records = _run_two_ranks(tmp_path, "--learner=channel+uniform", "--target-speedup=2", "--trials",
-                                          "3", "--finetune-epochs", "1", "--set", "uniform.compare_dynamic=false",
+                                          "3", "--finetune-epochs", "1", "--target-bits=8", "--target-compression=8",
+                                          "--set", "uniform.compare_dynamic=false",
                                           "--set", "uniform.representative_samples=32")
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["status"] == "completed"
     assert report["best"]["shipped_format"] == "int8 TFLite" and len(report["best"]["stages"]) == 2
+    assert report["best"]["compression_split"]["pruning_float_compression"] > 1
+    assert report["best"]["target_check"]["compression"]["met"] is True
     chief = [(r["description"], r["checksum"], r["losses"]) for r in _records(records, 0) if r["event"] == "train"]
     follower = [(r["description"], r["checksum"], r["losses"]) for r in _records(records, 1) if r["event"] == "train"]
     assert [description for description, _, _ in chief] == ["baseline", "fine-tune", "QAT fine-tune"]

@@ -317,6 +317,6 @@ def test_channel_then_sparse_int8_values_ships_a_container_that_loads_with_the_m
     assert zeros >= 0.75 - 1e-3
     assert accuracy(model, dataset.test(256)) == pytest.approx(last["artifact_accuracy"], abs=1e-9)
     assert last["artifact_accuracy"] >= 0.9
-    assert "weight-sparse: fine-tuned 0.2 epochs; sparse container (int8) test accuracy" in (
+    assert "weight-sparse: 0.2 epochs, sparse container (int8) test accuracy" in (
         run_dir / "report.md").read_text()
     assert_report_matches_files(run_dir)
