@@ -7,7 +7,10 @@ of stages that each keep their own options section (``channel:``, ``uniform:``):
 - The first stage is searched exactly as on its own: its trials, its target, its trial score. The
   search is staged: a candidate is scored before the later stages run, because the later ones
   change accuracy little and uniformly across candidates (measured for int8), while running them per
-  trial would cost a training each.
+  trial would cost a training each. ``<chain>.search: joint`` instead has every trial propose the last
+  stage's hyperparameters too (codebook or low-bit widths, ...): the trial's pruned candidate goes
+  through the last stage's ``compress`` (no training) and is scored and checked against every target
+  as the final file would be, so the search trades one stage against the other.
 - The winner is fine-tuned (``1 - last_stage_share`` of the fine-tuning epochs, distilled from the
   original baseline where distillation is on), finalized to plain Keras, and becomes the last
   stage's baseline; the last stage compresses it with its options and trains for the rest of the
@@ -35,7 +38,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
 
 import optuna
 import tensorflow as tf
@@ -68,6 +71,9 @@ class ChainConfig:
     # Share of the fine-tuning epochs (--finetune-epochs) the last stage trains for (QAT for int8);
     # the first stage's model recovers for the rest. uniform.qat_epochs, when set, overrides it.
     last_stage_share: float = 0.2
+    # staged: trials search the first stage alone, the last stage runs its reference hyperparameters on
+    # the winner; joint: every trial proposes both stages' and is scored after both (no training).
+    search: Literal["staged", "joint"] = "staged"
 
     def __post_init__(self) -> None:
         check_fields("chain", self, {"last_stage_share": SHARE})
@@ -79,6 +85,46 @@ class ChainOptions:
 
     last_stage_share: float = 0.2
     stages: Mapping[str, Any] = field(default_factory=dict)
+    search: str = "staged"
+
+
+@dataclass(frozen=True)
+class JointHyperparameters:
+    """A joint trial's choice: the first stage's hyperparameters and the last stage's raw parameters
+    (re-applied to each pruned model, whose layers keep their names)."""
+
+    first: Any
+    last: Mapping[str, Any]
+
+
+@dataclass
+class JointTrial:
+    """A joint trial's candidate: the pruned candidate, and the last stage's learner and candidate of it."""
+
+    first: Candidate
+    last_learner: Learner
+    last: Candidate
+
+
+class _RecordingTrial:
+    """Passes a trial's suggestions through and keeps what was suggested (the last stage's parameters)."""
+
+    def __init__(self, trial: Any) -> None:
+        self.trial = trial
+        self.values: Dict[str, Any] = {}
+
+    def _record(self, name: str, value: Any) -> Any:
+        self.values[name] = value
+        return value
+
+    def suggest_float(self, name: str, *args: Any, **kwargs: Any) -> float:
+        return self._record(name, self.trial.suggest_float(name, *args, **kwargs))
+
+    def suggest_int(self, name: str, *args: Any, **kwargs: Any) -> int:
+        return self._record(name, self.trial.suggest_int(name, *args, **kwargs))
+
+    def suggest_categorical(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._record(name, self.trial.suggest_categorical(name, *args, **kwargs))
 
 
 @dataclass
@@ -112,7 +158,7 @@ class ChainLearner(Learner):
         except ConfigError as error:  # the key as the user writes it: channel+uniform.last_stage_share
             raise ConfigError(str(error).replace("chain.", f"{cls.name}.")) from None
         stages = {stage.name: stage.parse_options(given.get(stage.name) or {}, source) for stage in cls.stage_classes}
-        return ChainOptions(own.last_stage_share, stages)
+        return ChainOptions(own.last_stage_share, stages, own.search)
 
     @classmethod
     def run_options(cls, sections: Mapping[str, Mapping[str, Any]], source: str) -> ChainOptions:
@@ -121,7 +167,7 @@ class ChainLearner(Learner):
 
     @classmethod
     def recorded_sections(cls, options: ChainOptions) -> Dict[str, Dict[str, Any]]:
-        recorded = {cls.name: {"last_stage_share": options.last_stage_share}}
+        recorded = {cls.name: {"last_stage_share": options.last_stage_share, "search": options.search}}
         for stage in cls.stage_classes:
             recorded.update(stage.recorded_sections(options.stages[stage.name]))
         return recorded
@@ -133,6 +179,10 @@ class ChainLearner(Learner):
         first_epochs = finetune_epochs - share
         override = getattr(options.stages[last], "qat_epochs", None)  # uniform.qat_epochs replaces the share
         last_epochs = share if override is None else override
+        if options.search == "joint":
+            return [f"stages:     {first} and {last} searched together (each trial through both, no training); the "
+                    f"winner's {first} fine-tuned {first_epochs:g} epochs, then its {last} ({last_epochs:g} epochs; "
+                    f"its file ships)"]
         return [f"stages:     {first} (searched; its winner fine-tuned {first_epochs:g} epochs), then "
                 f"{last} on that model ({last_epochs:g} epochs; its file ships)"]
 
@@ -157,9 +207,12 @@ class ChainLearner(Learner):
         return (target.compression is not None and target.bits is not None
                 and "compression" in cls.stage_classes[0].targets)
 
-    @classmethod
-    def searched_targets(cls, target: TargetConfig) -> Dict[str, float]:
-        return cls.stage_targets(target)[0].requested()
+    def searched_targets(self, target: TargetConfig) -> Dict[str, float]:
+        """Staged: the first stage's targets (the rest are checked on the shipped file); joint: all of
+        them, since each trial goes through both stages."""
+        if self.options.search == "joint":
+            return target.requested()
+        return self.stage_targets(target)[0].requested()
 
     @classmethod
     def check_target(cls, target: TargetConfig) -> None:
@@ -185,12 +238,17 @@ class ChainLearner(Learner):
             finetune_epochs=context.finetune_epochs * (1.0 - options.last_stage_share))
         self.first = first_class(options.stages[first_class.name], self._first_context)
         self.split: Optional[Dict[str, Any]] = None  # how an overall compression was split (report.json)
+        self._proposing: Optional[Learner] = None  # joint search: the last stage on the original baseline
 
     def prepare(self, baseline: tf.keras.Model) -> None:
         if self._baseline is baseline:
             return
         super().prepare(baseline)
+        self._proposing = None
         self.first.prepare(baseline)
+        if self.options.search == "joint" and self._proposer().max_trials() == 1:
+            raise ConfigError(f"{self.name}.search = joint needs a last stage with hyperparameters to search; "
+                              f"{self._proposer().name} here has one candidate (int8): use {self.name}.search = staged")
         if self.splits_compression(self.context.target):
             share = self.pruning_compression(baseline)
             first_target = dataclasses.replace(self._first_context.target, compression=share)
@@ -258,28 +316,77 @@ class ChainLearner(Learner):
         return self.first.unreachable_hint()
 
     def search_space(self, trial: Any) -> Any:
-        return self.first.search_space(trial)
+        first = self.first.search_space(trial)
+        if self.options.search != "joint":
+            return first
+        recording = _RecordingTrial(trial)
+        self._proposer().search_space(recording)
+        return JointHyperparameters(first, dict(recording.values))
 
     def reference_params(self) -> Dict[str, Any]:
-        return self.first.reference_params()
+        params = self.first.reference_params()
+        if self.options.search == "joint":
+            last = self._proposer().reference_params()
+            clash = sorted(set(params) & set(last))
+            if clash:  # pragma: no cover - the registered learners' parameter names differ
+                raise ConfigError(f"'{self.name}' cannot search both stages jointly: both name {', '.join(clash)}")
+            params = {**params, **last}
+        return params
 
     def max_trials(self) -> Optional[int]:
+        if self.options.search == "joint":
+            counts = [self.first.max_trials(), self._proposer().max_trials()]
+            return None if None in counts else counts[0] * counts[1]
         return self.first.max_trials()
 
     def compress(self, hparams: Any) -> Candidate:
-        return self.first.compress(hparams)
+        if not isinstance(hparams, JointHyperparameters):
+            return self.first.compress(hparams)
+        first = self.first.compress(hparams.first)
+        last = self._last_learner(first.model, 0.0)
+        compressed = last.compress(last.search_space(optuna.trial.FixedTrial(dict(hparams.last))))
+        return Candidate(compressed.model, hparams, state=JointTrial(first, last, compressed))
 
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
-        first = candidate.state.first if isinstance(candidate.state, ChainState) else candidate
+        state = candidate.state
+        first = state.first if isinstance(state, (ChainState, JointTrial)) else candidate
         metrics = self.first.candidate_metrics(first)
         metrics.pop("compression", None)  # the pruning's own file: not the overall figure the target names
+        if isinstance(state, JointTrial):  # the last stage's figures (its compression is overall)
+            last = state.last_learner.candidate_metrics(state.last)
+            metrics.update({key: value for key, value in last.items() if key not in ("macs", "speedup", "params")})
         return metrics
+
+    def _proposer(self) -> Learner:
+        """The last stage on the original baseline: it names the last stage's searched parameters and
+        their ranges, which a pruned model (same layer names) takes as they are."""
+        if self._proposing is None:
+            self._proposing = self._last_learner(self.baseline, 0.0)
+        return self._proposing
+
+    def _last_learner(self, model: tf.keras.Model, epochs: float) -> Learner:
+        """The last stage, prepared on ``model``, with its targets (a compression is overall: its context
+        keeps the original baseline's file size)."""
+        last_target = self.stage_targets(self.context.target)[1]
+        last_options = self.options.stages[self.stage_classes[-1].name]
+        reference = model if self.options.search != "joint" else self.baseline  # joint: one method for all trials
+        last_class = self.stage_classes[-1].strategy(last_options, self._relative(last_target, reference))
+        context = dataclasses.replace(self.context, target=last_target, baseline_macs=count_macs(model),
+                                      finetune_epochs=epochs)
+        learner = last_class(last_options, context)
+        learner.prepare(model)
+        return learner
 
     # ------------------------------------------------------------------ the winner through every stage
     def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Any] = None) -> Candidate:
-        """The first stage's fine-tuning, then the last stage built on its finished model and trained."""
+        """The first stage's fine-tuning, then the last stage built on its finished model and trained
+        (staged: its reference hyperparameters; joint: the trial's)."""
         if isinstance(candidate.state, ChainState):
             return candidate
+        chosen, last_params = candidate.hparams, None
+        if isinstance(candidate.state, JointTrial):
+            last_params = dict(chosen.last)
+            candidate = candidate.state.first
         last_epochs = round(epochs * self.options.last_stage_share, 4)
         first_epochs = round(epochs - last_epochs, 4)
         first = self.first
@@ -295,20 +402,15 @@ class ChainLearner(Learner):
                  else "", self.stage_classes[-1].name)
 
         # The last stage's targets, and the original baseline's file size: its compression is overall.
-        last_target = self.stage_targets(self.context.target)[1]
-        last_options = self.options.stages[self.stage_classes[-1].name]
-        last_class = self.stage_classes[-1].strategy(last_options, self._relative(last_target, finished.model))
-        context = dataclasses.replace(self.context, target=last_target, baseline_macs=record["macs"],
-                                      finetune_epochs=last_epochs)
-        last = last_class(last_options, context)
-        last.prepare(finished.model)
-        hparams = last.search_space(optuna.trial.FixedTrial(last.reference_params()))
+        last = self._last_learner(finished.model, last_epochs)
+        hparams = last.search_space(optuna.trial.FixedTrial(last_params if last_params is not None
+                                                            else last.reference_params()))
         compressed = last.compress(hparams)
         if last_epochs > 0:
             compressed = last.finetune(compressed, last_epochs, teacher=teacher)
         records = [record, {"learner": last.name, "finetune_epochs": last_epochs}]
         state = ChainState(first=finished, last_learner=last, last=compressed, records=records)
-        return Candidate(compressed.model, candidate.hparams, state=state)
+        return Candidate(compressed.model, chosen, state=state)
 
     def _relative(self, target: TargetConfig, pruned: tf.keras.Model) -> TargetConfig:
         """``target`` with its overall compression turned into what the last stage itself must add
@@ -357,6 +459,9 @@ class ChainLearner(Learner):
                                  if key in fields})
         lines = [f"{index}. {record['learner']}: " + stage_summary(record, detailed=True) for index, record in
                  enumerate(state.records, 1)]
+        if self.options.search == "joint":
+            lines.append("Searched jointly: every trial went through both stages (no training) before it was scored "
+                         "and checked against every target; the winner's last-stage hyperparameters were kept.")
         if self.split is not None:
             lines.append(f"The overall {self.split['overall_compression']:g}x at {self.split['bits']:g} bits was split: "
                          f"the pruning searched under a float file {self.split['pruning_float_compression']:.3g}x "

@@ -277,6 +277,11 @@ add(
     Scenario("resnet20-channel-nonuniform-4bit-14x-5ep", "resnet20", "channel+non-uniform",
              ("--target-speedup", "2.0", "--target-bits", "4", "--target-compression", "14"),
              ("--trials", "10", "--finetune-epochs", "5"), minutes=12),
+    # The same 14x overall as resnet20-channel-nonuniform-14x-5ep with both stages searched together:
+    # each trial's pruned candidate gets its proposed codebook widths and is scored as a codebook model.
+    Scenario("resnet20-channel-nonuniform-14x-5ep-joint", "resnet20", "channel+non-uniform",
+             ("--target-speedup", "2.0", "--target-compression", "14"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel+non-uniform.search=joint"), minutes=15),
     Scenario("resnet56-channel-int8-9x-3ep", "resnet56", "channel+uniform",
              ("--target-speedup", "2.5", "--target-bits", "8", "--target-compression", "9"),
              ("--trials", "12", "--finetune-epochs", "3"), minutes=25),

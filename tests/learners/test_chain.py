@@ -223,6 +223,37 @@ def test_an_overall_compression_at_fixed_bits_is_made_up_by_the_pruning(tmp_path
     assert_report_matches_files(run_dir)
 
 
+def test_a_joint_search_scores_every_trial_after_both_stages_and_ships_the_winners_widths(tmp_path):
+    """<chain>.search = joint: each trial proposes the codebook widths too, goes through both stages (no
+    training) and is checked against the overall compression; the winner's widths are the shipped ones."""
+    import csv
+
+    run_dir = tmp_path / "run"
+    assert main(["--learner", "channel+non-uniform", "--target-speedup", "2", "--target-compression", "14",
+                 "--set", "channel+non-uniform.search=joint", "--trials", "3", "--finetune-epochs", "0.3", "-q",
+                 "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    assert best["target_check"]["compression"]["met"] is True and best["target_check"]["speedup"]["met"] is True
+    with open(run_dir / "trials.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 3 and all('"bits_' in row["params"] and '"keep_' in row["params"] for row in rows)
+    assert all(float(row["compression"]) >= 14 and float(row["speedup"]) >= 2 for row in rows)  # both stages' figures
+    winner = next(row for row in rows if int(row["number"]) == report["search"]["best_trial"])
+    assert best["average_bits"] == pytest.approx(float(winner["bits"]))  # its allocation, on the fine-tuned model
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["channel+non-uniform"]["search"] == "joint"
+    assert "Searched jointly" in (run_dir / "report.md").read_text()
+    assert_report_matches_files(run_dir)
+
+
+def test_a_joint_search_needs_a_last_stage_with_something_to_search(tmp_path, capsys):
+    assert main(["--learner", "channel+uniform", "--target-speedup", "2", "--set", "channel+uniform.search=joint",
+                 "--trials", "1", "--finetune-epochs", "0", "-q", "--output-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "channel+uniform.search = joint needs a last stage with hyperparameters to search" in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
 def test_the_stages_targets_with_and_without_fixed_bits():
     from pocketflow.config import TargetConfig
 

@@ -57,6 +57,10 @@ CASES: Dict[str, Tuple[str, TargetConfig, Dict[str, Any]]] = {
     "channel then codebooks": ("channel+non-uniform", TargetConfig(speedup=1.5, compression=8.0), {"stages": {
         "channel": {"recalibrate_batches": 2, "sample_images": 64, "min_channels": 1, "channel_multiple": 1},
         "non-uniform": {"recovery_epochs": 0.0, "calibration_batches": 2}}}),
+    "channel and codebooks, joint": ("channel+non-uniform", TargetConfig(speedup=1.5, compression=8.0), {
+        "search": "joint", "stages": {
+            "channel": {"recalibrate_batches": 2, "sample_images": 64, "min_channels": 1, "channel_multiple": 1},
+            "non-uniform": {"recovery_epochs": 0.0, "calibration_batches": 2}}}),
     "channel then sparse": ("channel+weight-sparse", TargetConfig(speedup=1.5, sparsity=0.5), {"stages": {
         "channel": {"recalibrate_batches": 2, "sample_images": 64, "min_channels": 1, "channel_multiple": 1},
         "weight-sparse": {"recovery_epochs": 0.0, "calibration_batches": 2}}}),
