@@ -370,7 +370,8 @@ class Runner:
         if distributed.is_chief:
             write_report(self.output_dir, report)
         distributed.barrier()
-        if distributed.broadcast_object(missed):
+        missed = distributed.broadcast_object(missed)  # every rank exits alike, with the chief's reason
+        if missed:
             raise TargetNotMetError(f"{missed}; the files are in {self.output_dir}, report.json says what they reach")
         return report
 

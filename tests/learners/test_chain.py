@@ -66,7 +66,7 @@ def test_channel_then_int8_ships_a_pruned_int8_file_measured_per_stage(chain_run
 def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, tmp_path, capsys):
     recorded = yaml.safe_load((chain_run / "config.yaml").read_text())
     assert recorded["learner"] == "channel+uniform"
-    assert recorded["channel+uniform"] == {"last_stage_share": 0.2}
+    assert recorded["channel+uniform"] == {"last_stage_share": 0.2, "search": "staged"}
     assert recorded["uniform"]["representative_samples"] == 64 and "criterion" in recorded["channel"]
     assert main(["--config", str(chain_run / "config.yaml"), "--dry-run", "--output-dir", str(tmp_path / "a")]) == 0
     assert "learner:    channel+uniform" in capsys.readouterr().out
