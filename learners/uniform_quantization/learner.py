@@ -34,6 +34,7 @@ from learners.uniform_quantization.options import (  # noqa: F401 - the options 
 )
 from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
 from pocketflow.config import TargetConfig
+from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteMeasurement, TFLiteModel, convert, tflite_accuracy, write_atomic
 from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
@@ -60,6 +61,7 @@ class UniformQuantizationLearner(Learner):
     name = "uniform"
     Config = UniformConfig
     targets = ("bits", "compression")
+    _baseline_bytes = 0  # the baseline's float TFLite file, the same on every rank (set by prepare)
 
     @classmethod
     def strategy(cls, options: UniformConfig, target: TargetConfig) -> type:
@@ -70,20 +72,32 @@ class UniformQuantizationLearner(Learner):
             return MixedPrecisionLearner
         return cls
 
+    def prepare(self, baseline: tf.keras.Model) -> None:
+        if self._baseline is baseline:
+            return
+        super().prepare(baseline)
+        # every rank checks the same estimate against the target, and only the chief measured the file
+        self._baseline_bytes = int(self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes) or 0)
+        if self.context.target.compression is not None and not self._baseline_bytes:
+            raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass --export none "
+                              "with this target")
+
     # ------------------------------------------------------------------ search
     def max_trials(self) -> Optional[int]:
         return 1  # int8 has one candidate; the search only checks it against the target
 
     def reachable(self) -> Dict[str, float]:
-        return {"bits": INT8_BITS, "compression": self._estimated_compression(self.baseline)}
+        return {"bits": INT8_BITS, **self._estimated_compression(self.baseline)}
 
-    def _estimated_compression(self, model: tf.keras.Model) -> float:
-        """Float TFLite bytes / estimated int8 bytes: kernels 1 byte per weight, the rest unchanged."""
-        float_bytes = self.context.baseline_tflite_bytes
+    def _estimated_compression(self, model: tf.keras.Model) -> Dict[str, float]:
+        """{"compression": float TFLite bytes / estimated int8 bytes} (kernels 1 byte per weight, the rest
+        unchanged), or {} without the baseline's file (--export none): no figure rather than a made-up one.
+        The target is checked on the shipped file."""
+        float_bytes = self._baseline_bytes
         if not float_bytes:
-            return 4.0
+            return {}
         kernels = sum(int(w.shape.num_elements()) for w in model.weights if "kernel" in w.name)
-        return float_bytes / max(1.0, float_bytes - 3.0 * kernels)
+        return {"compression": float_bytes / max(1.0, float_bytes - 3.0 * kernels)}
 
     def expected_bytes(self) -> Optional[int]:
         """The int8 file of the baseline, converted (a few calibration images: the size does not depend
@@ -97,7 +111,7 @@ class UniformQuantizationLearner(Learner):
         return max(sizes)
 
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
-        return {"bits": INT8_BITS, "compression": self._estimated_compression(self.baseline),
+        return {"bits": INT8_BITS, **self._estimated_compression(self.baseline),
                 "params": float(count_params(self.baseline))}
 
     # ------------------------------------------------------------------ compress and train

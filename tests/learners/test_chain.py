@@ -198,14 +198,18 @@ def test_channel_then_codebooks_meets_an_overall_compression_measured_on_the_shi
         "\n".join(shown)
 
 
+def _run_chain(tmp_path, *args):
+    """main.py with ``args`` and a small budget; the run directory and its report."""
+    run_dir = tmp_path / "run"
+    assert main([*args, "--finetune-epochs", "0.3", "-q", "--output-dir", str(run_dir)]) == 0
+    return run_dir, json.loads((run_dir / "report.json").read_text())
+
+
 def test_an_overall_compression_at_fixed_bits_is_made_up_by_the_pruning(tmp_path):
     """--target-bits 4 fixes the codebook stage's width, so the pruning searches under a float-file budget
     sized before training: pruning at 2x MACs alone would leave the 4-bit file short of 20x."""
-    run_dir = tmp_path / "run"
-    assert main(["--learner", "channel+non-uniform", "--target-speedup", "2", "--target-bits", "4",
-                 "--target-compression", "20", "--trials", "2", "--finetune-epochs", "0.3", "-q",
-                 "--output-dir", str(run_dir)]) == 0
-    report = json.loads((run_dir / "report.json").read_text())
+    run_dir, report = _run_chain(tmp_path, "--learner", "channel+non-uniform", "--target-speedup", "2",
+                                 "--target-bits", "4", "--target-compression", "20", "--trials", "2")
     best = report["best"]
     check = best["target_check"]
     assert check["compression"]["met"] is True and check["bits"]["met"] is True and check["speedup"]["met"] is True
@@ -228,11 +232,9 @@ def test_a_joint_search_scores_every_trial_after_both_stages_and_ships_the_winne
     training) and is checked against the overall compression; the winner's widths are the shipped ones."""
     import csv
 
-    run_dir = tmp_path / "run"
-    assert main(["--learner", "channel+non-uniform", "--target-speedup", "2", "--target-compression", "14",
-                 "--set", "channel+non-uniform.search=joint", "--trials", "3", "--finetune-epochs", "0.3", "-q",
-                 "--output-dir", str(run_dir)]) == 0
-    report = json.loads((run_dir / "report.json").read_text())
+    run_dir, report = _run_chain(tmp_path, "--learner", "channel+non-uniform", "--target-speedup", "2",
+                                 "--target-compression", "14", "--set", "channel+non-uniform.search=joint",
+                                 "--trials", "3")
     best = report["best"]
     assert best["target_check"]["compression"]["met"] is True and best["target_check"]["speedup"]["met"] is True
     with open(run_dir / "trials.csv") as stream:

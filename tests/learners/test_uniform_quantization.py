@@ -139,6 +139,25 @@ def test_ptq_path_ships_int8_without_training(digits, rng, tmp_path):
     assert fields["artifact_bytes"] == (tmp_path / "ptq_int8.tflite").stat().st_size
 
 
+def test_without_the_baseline_file_there_is_no_made_up_compression(digits):
+    """--export none leaves no baseline file: the int8 learner reports no compression estimate (it used to
+    say 4.0), and a compression target needs the file: a clear error before anything runs."""
+    import dataclasses
+
+    model, context = _tiny_int8_setup(digits)
+    without_file = dataclasses.replace(context, baseline_tflite_bytes=0)
+    learner = UniformQuantizationLearner(UniformConfig(method="ptq"), without_file)
+    learner.prepare(model)
+    assert "compression" not in learner.reachable()
+    assert "compression" not in learner.candidate_metrics(learner.compress(learner.options))
+    with_file = UniformQuantizationLearner(UniformConfig(method="ptq"), context)
+    with_file.prepare(model)
+    assert with_file.reachable()["compression"] > 1
+    wanted = dataclasses.replace(without_file, target=TargetConfig(compression=3.0))
+    with pytest.raises(ConfigError, match="needs the baseline's float TFLite size"):
+        UniformQuantizationLearner(UniformConfig(method="ptq"), wanted).prepare(model)
+
+
 @pytest.mark.parametrize("ptq_wins", [False, True])
 def test_the_model_is_the_one_the_shipped_file_is_converted_from(digits, tmp_path, monkeypatch, ptq_wins):
     """finalize chooses QAT or post-training int8 on validation scores; when post-training int8 ships,
