@@ -270,9 +270,6 @@ class ChainLearner(Learner):
         model and for the first stage's reference candidate; its size is taken as linear in the float
         file's between those two points (both move with the weights the pruning removes)."""
         target = self.context.target
-        last_options = self.options.stages[self.stage_classes[-1].name]
-        last_target = self.stage_targets(target)[1]
-        last_class = self.stage_classes[-1].strategy(last_options, last_target)
         base_float = self.context.distributed.broadcast_object(self.context.baseline_tflite_bytes)
         if not base_float:
             raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass --export "
@@ -280,10 +277,11 @@ class ChainLearner(Learner):
         reference = self.first.compress(self.first.search_space(optuna.trial.FixedTrial(
             self.first.reference_params())))
         ref_float = len(convert(reference.model, "float"))
-        base_last = self._expected_bytes(last_class, last_options, last_target, baseline)
-        ref_last = self._expected_bytes(last_class, last_options, last_target, reference.model)
+        sizer = self._last_learner(baseline, 0.0)
+        last_name, base_last = sizer.name, sizer.expected_bytes()
+        ref_last = self._last_learner(reference.model, 0.0).expected_bytes()
         if base_last is None or ref_last is None:
-            raise ConfigError(f"the {last_class.name} stage of '{self.name}' cannot size its file before training, "
+            raise ConfigError(f"the {last_name} stage of '{self.name}' cannot size its file before training, "
                               f"so an overall --target-compression cannot be split with --target-bits fixed; give "
                               f"one of the two")
         goal = base_float / target.compression * (1.0 - SPLIT_MARGIN)
@@ -294,7 +292,7 @@ class ChainLearner(Learner):
         needed = ref_float + (goal - ref_last) / slope
         if needed <= 0:
             raise ConfigError(f"an overall --target-compression of {target.compression:g} cannot be met at "
-                              f"--target-bits {target.bits:g}: the {last_class.name} stage's fixed part alone "
+                              f"--target-bits {target.bits:g}: the {last_name} stage's fixed part alone "
                               f"is {ref_last - slope * ref_float:,.0f} bytes; lower the compression or the bits")
         share = base_float / needed
         self.split = {"overall_compression": target.compression, "bits": target.bits,
@@ -303,15 +301,8 @@ class ChainLearner(Learner):
                       "baseline": {"float_bytes": base_float, "last_stage_bytes": base_last}}
         log.info("overall compression %gx at %g bits: the pruning makes the float file %.3gx smaller (its reference "
                  "candidate %.3gx; %s's file of it %.1f KB, of the original %.1f KB)", target.compression,
-                 target.bits, share, base_float / ref_float, last_class.name, ref_last / 1024, base_last / 1024)
+                 target.bits, share, base_float / ref_float, last_name, ref_last / 1024, base_last / 1024)
         return share if share > 1.0 else None
-
-    def _expected_bytes(self, last_class: type, options: Any, target: TargetConfig,
-                        model: tf.keras.Model) -> Optional[int]:
-        context = dataclasses.replace(self.context, target=target, baseline_macs=count_macs(model))
-        learner = last_class(options, context)
-        learner.prepare(model)
-        return learner.expected_bytes()
 
     def reachable(self) -> Dict[str, float]:
         return self.first.reachable()
