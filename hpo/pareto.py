@@ -249,8 +249,8 @@ def finish_front(config: Any, distributed: Any, output_dir: Path, measure: Calla
         number = member["number"]
         hparams = learner.search_space(optuna.trial.FixedTrial(member["params"]))
         candidate = learner.compress(hparams)
-        teacher = make_distiller(config.distillation, baseline_model,
-                                 member["hyperparameters"].get("distillation"))
+        teacher = make_distiller(config.distillation, baseline_model, member["hyperparameters"].get("distillation"),
+                                 precision=learner.context.schedule.precision)
         if finetune_epochs > 0:
             log.info("Pareto model from trial %d: fine-tuning for %s epochs%s", number, finetune_epochs,
                      f" ({teacher})" if teacher else "")

@@ -82,7 +82,8 @@ class Search:
                               f"options, so there is no front to search; use --objective accuracy")
         # Searched distillation T/alpha: every trial is fine-tuned briefly with its own values.
         self.distillation = config.distillation
-        self.distiller = make_distiller(config.distillation, baseline) if searched(config.distillation) else None
+        self.distiller = (make_distiller(config.distillation, baseline, precision=learner.context.schedule.precision)
+                          if searched(config.distillation) else None)
 
     # ------------------------------------------------------------------ study
     def _open_study(self) -> optuna.Study:

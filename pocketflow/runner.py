@@ -38,6 +38,7 @@ from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
 from hpo.targets import meets
 from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
+from pocketflow.precision import hardware_bfloat16
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class Runner:
             "target": config.target.requested(),
             "trials": trials,
             "config_path": str(self.output_dir / "config.yaml"),
-            "environment": _environment(config),
+            "environment": _environment(config, self.schedule),
             "baseline": baseline,
             "best": None,
             "notes": self.notes,
@@ -349,7 +350,8 @@ class Runner:
             return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
                                       finetune_epochs, started)
         candidate = outcome.candidate
-        teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"))
+        teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"),
+                                 precision=self.schedule.precision)
         if learner.searches and finetune_epochs > 0:
             log.info("fine-tuning the best candidate for %s epochs%s", finetune_epochs,
                      f", distilled from the baseline (temperature {teacher.temperature:g}, weight of the "
@@ -427,7 +429,7 @@ class Runner:
         train = dataclasses.replace(
             self.config.train, epochs=schedule.epochs, finetune_epochs=self._finetune_epochs(schedule),
             batch_size=schedule.batch_size, learning_rate=schedule.learning_rate, schedule=schedule.schedule,
-            optimizer=schedule.optimizer, weight_decay=schedule.weight_decay)
+            optimizer=schedule.optimizer, weight_decay=schedule.weight_decay, precision=schedule.precision)
         learners = {**self.config.learners, **self.learner_class.recorded_sections(self.options)}
         return dataclasses.replace(self.config, train=train, learners=learners)
 
@@ -530,8 +532,13 @@ def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:
     return Schedule(epochs=10, batch_size=128, learning_rate=0.1, schedule="cosine", weight_decay=5e-4)
 
 
-def _environment(config: RunConfig) -> Dict[str, Any]:
+def _environment(config: RunConfig, schedule: TrainSchedule) -> Dict[str, Any]:
+    native, hardware = hardware_bfloat16()
     return {
+        # What the trainings ran in (config train.precision, auto resolved here); a training that
+        # cannot use it (a per-step weight hook, layers from outside Keras) says so in run.log.
+        "training_precision": {"requested": config.train.precision, "used": schedule.precision,
+                               "bfloat16_hardware": hardware if native else f"none: {hardware}"},
         "tensorflow": tf.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -22,6 +22,7 @@ from nets import Schedule
 from pocketflow.config import DataConfig, TrainConfig
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
+from pocketflow.precision import FLOAT16, FLOAT32, copy_weights, mixed_twin, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class TrainSchedule:
     weight_decay: float
     augment: bool
     scale_learning_rate: bool = True
+    precision: str = FLOAT32  # resolved: float32, bfloat16 or float16 (never auto)
 
     def with_epochs(self, epochs: float) -> "TrainSchedule":
         return replace(self, epochs=epochs)
@@ -65,6 +67,7 @@ def resolve_schedule(net_schedule: Schedule, train: TrainConfig, data: DataConfi
         weight_decay=pick(train.weight_decay, net_schedule.weight_decay),
         augment=pick(data.augment, net_schedule.augment),
         scale_learning_rate=train.scale_learning_rate,
+        precision=resolve_precision(train.precision),
     )
 
 
@@ -210,8 +213,9 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
           distributed: SingleProcess | None = None, seed: int = 0,
           loss_function: Optional[LossFunction] = None,
           after_step: Optional[Callable[[], None]] = None,
-          description: str = "train") -> List[float]:
-    """Train ``model`` in place for ``schedule.epochs`` (fractions allowed); returns the loss per epoch."""
+          description: str = "train", step_seconds: Optional[List[float]] = None) -> List[float]:
+    """Train ``model`` in place for ``schedule.epochs`` (fractions allowed); returns the loss per epoch.
+    ``step_seconds``, when given, receives the wall time of every step (batch included)."""
     distributed = distributed or SingleProcess()
     if schedule.epochs <= 0:
         return []
@@ -219,10 +223,40 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     # ran before it in this process: a baseline trained here or loaded from the cache, a search run
     # straight through or killed and resumed, all train their candidates identically.
     tf.random.set_seed(seed)
+    trained = _precision_twin(model, schedule.precision, after_step, description)
+    try:
+        return _train_loop(trained, data, schedule, distributed, seed, loss_function or cross_entropy_for(model),
+                           after_step, description, step_seconds)
+    finally:
+        if trained is not model:
+            copy_weights(trained, model)
+
+
+def _precision_twin(model: tf.keras.Model, precision: str, after_step: Optional[Callable[[], None]],
+                    description: str) -> tf.keras.Model:
+    """The model the loop trains: ``model`` itself in float32, or its mixed-precision twin."""
+    if precision == FLOAT32:
+        return model
+    if after_step is not None:
+        twin, reason = None, "its per-step hook edits the model's own weights"
+    else:
+        twin, reason = mixed_twin(model, precision)
+    if twin is None:
+        log.info("%s runs in float32, not %s: %s", description, precision, reason)
+        return model
+    log.debug("%s runs in %s (mixed precision: float32 weights)", description, precision)
+    return twin
+
+
+def _train_loop(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, distributed: SingleProcess,
+                seed: int, loss_function: LossFunction, after_step: Optional[Callable[[], None]],
+                description: str, step_seconds: Optional[List[float]]) -> List[float]:
     batch_size, steps_per_epoch, total_steps = _step_plan(data, schedule, distributed.size)
     scale = distributed.size if schedule.scale_learning_rate else 1
     optimizer = _optimizer(schedule, _learning_rate(schedule, total_steps, scale))
-    loss_function = loss_function or cross_entropy_for(model)
+    scaled = any(layer.dtype_policy.compute_dtype == FLOAT16 for layer in model.layers)
+    if scaled:  # float16's narrow range: the loss is scaled up so small gradients do not flush to zero
+        optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
     decayed = decayed_weights(model)
     weight_decay = float(schedule.weight_decay)
     variables = model.trainable_variables
@@ -234,8 +268,11 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
             loss = loss_function(images, labels, outputs)
             if weight_decay > 0 and decayed:
                 loss += 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(w)) for w in decayed])
+            differentiated = optimizer.get_scaled_loss(loss) if scaled else loss  # recorded by the tape
         tape = distributed.wrap_tape(tape)
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(differentiated, variables)
+        if scaled:
+            gradients = optimizer.get_unscaled_gradients(gradients)
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
         return loss
 
@@ -245,8 +282,11 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     epoch_losses: List[float] = []
     started = last_note = last_epoch_note = time.time()
     epoch = 0
+    step_started = time.perf_counter()
     for step_index, (images, labels) in enumerate(batches.take(total_steps)):
         loss = float(step(images, labels))
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - step_started)
         if step_index == 0:
             # Every rank starts from rank 0's weights (and optimizer slots).
             distributed.broadcast_variables(model.variables + optimizer.variables())
@@ -278,6 +318,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
                 last_epoch_note = now if shown else last_epoch_note
                 log.log(logging.INFO if shown else logging.DEBUG, "%s epoch %d/%s loss %.4f (%.0fs)", description,
                         epoch, _format_epochs(schedule.epochs), mean_loss, now - started)
+        step_started = time.perf_counter()
     distributed.average_variables(model.non_trainable_variables)  # BatchNorm statistics: one value on every rank
     return losses
 

@@ -215,6 +215,10 @@ add(
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1"), minutes=22),
     Scenario("resnet20-channel-l1-2x-5ep", "resnet20", "channel", ("--target-speedup", "2.0"),
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1"), minutes=22),
+    # The same in float32 where auto picks bfloat16 (train.precision): the accuracy check behind the default.
+    Scenario("resnet20-channel-l1-2x-5ep-float32", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
+              "--set", "train.precision=float32"), minutes=22),
     # The same pair at one epoch, where the re-fit's better starting point has the least time to wash out.
     Scenario("resnet20-channel-3x-1ep", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "10", "--finetune-epochs", "1", "--set", "channel.criterion=lasso"), minutes=9),

@@ -1,0 +1,112 @@
+"""Training precision: float32, or a mixed-precision twin of the model where the hardware has it.
+
+bfloat16 halves the bytes every convolution moves and runs on AVX512-BF16 / AMX units (and on
+recent GPUs), so a training step costs less; float16 needs loss scaling and is for GPUs. Only the
+training changes: the model a learner hands over stays float32, is trained through a *twin* (the
+same layers rebuilt with Keras's ``mixed_bfloat16`` policy: float32 variables, bfloat16 compute,
+the output layers in float32), and gets the twin's weights back afterwards. Losses, BatchNorm
+statistics, the optimizer state, the shadow weights and every exported file therefore stay what a
+float32 run gives.
+
+A training that cannot use a twin runs in float32 and says why: a model that ``clone_model`` cannot
+rebuild (subclassed models, nested models, layers without a config), or a training whose per-step
+hook edits the model's own weights (sparsity masks).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Tuple
+
+log = logging.getLogger(__name__)
+
+FLOAT32 = "float32"
+BFLOAT16 = "bfloat16"
+FLOAT16 = "float16"
+AUTO = "auto"
+CHOICES = (AUTO, FLOAT32, BFLOAT16, FLOAT16)
+_POLICIES = {BFLOAT16: "mixed_bfloat16", FLOAT16: "mixed_float16"}
+_KERAS_LAYER_MODULES = ("tf_keras.src.layers.", "tf_keras.src.engine.input_layer")
+
+# CPU flags (Linux /proc/cpuinfo) of units that compute bfloat16 dot products natively.
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# GPUs from compute capability 8.0 (Ampere) have bfloat16 tensor cores.
+BFLOAT16_GPU_CAPABILITY = (8, 0)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set:
+    """The first processor's feature flags, or an empty set where the file does not exist."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def hardware_bfloat16() -> Tuple[bool, str]:
+    """(whether bfloat16 compute is native here, what says so)."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and tuple(capability) >= BFLOAT16_GPU_CAPABILITY:
+            return True, f"GPU with compute capability {capability[0]}.{capability[1]}"
+    flags = cpu_flags()
+    found = [flag for flag in BFLOAT16_CPU_FLAGS if flag in flags]
+    if found:
+        return True, "CPU with " + " and ".join(found)
+    return False, "neither a CPU with AVX512-BF16 / AMX nor a GPU with compute capability >= 8.0"
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` becomes bfloat16 where the hardware computes it natively, float32 elsewhere."""
+    if requested != AUTO:
+        return requested
+    native, _ = hardware_bfloat16()
+    return BFLOAT16 if native else FLOAT32
+
+
+def mixed_twin(model, precision: str):
+    """(twin, None): ``model`` rebuilt with ``precision``'s mixed policy and holding its weights; or
+    (None, reason) when it cannot be rebuilt (the caller trains ``model`` itself in float32)."""
+    import tensorflow as tf
+
+    policy = tf.keras.mixed_precision.Policy(_POLICIES[precision])
+    if not isinstance(model, tf.keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        return None, "a subclassed model cannot be rebuilt layer by layer"
+    if any(isinstance(layer, tf.keras.Model) for layer in model.layers):
+        return None, "a model nested in the model is rebuilt without its layers' policy"
+    # A layer from outside Keras (a quantization wrapper, a user's own) may keep state that is not in
+    # its config or weights: a rebuilt copy could compute something else, silently.
+    foreign = sorted({type(layer).__name__ for layer in model.layers
+                      if not type(layer).__module__.startswith(_KERAS_LAYER_MODULES)})
+    if foreign:
+        return None, f"layers from outside Keras ({', '.join(foreign)}) are not rebuilt in {precision}"
+    # The layers whose outputs are the model's stay float32: a softmax or logits in bfloat16 lose
+    # the small differences the loss is made of (Keras's own advice for mixed precision).
+    output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
+
+    def rebuild(layer):
+        config = layer.get_config()
+        if id(layer) not in output_layers and not isinstance(layer, tf.keras.layers.InputLayer):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    try:
+        twin = tf.keras.models.clone_model(model, clone_function=rebuild)
+        copy_weights(model, twin)
+    except Exception as error:  # any layer Keras cannot rebuild from its config
+        return None, f"the model could not be rebuilt in {precision} ({type(error).__name__}: {error})"
+    return twin, None
+
+
+def copy_weights(source, destination) -> None:
+    """Every layer's weights, matched by layer name (``clone_model`` keeps the names and order)."""
+    targets = {layer.name: layer for layer in destination.layers}
+    for layer in source.layers:
+        if layer.weights:
+            targets[layer.name].set_weights(layer.get_weights())
