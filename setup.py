@@ -22,6 +22,7 @@ setup(
         "scikit-learn>=1.3",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # pytest-xdist: the suite runs on every core (pytest.ini), one test file per worker.
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"]},
     entry_points={"console_scripts": ["pocketflow=pocketflow.cli:main"]},
 )

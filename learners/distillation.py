@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from pocketflow.config import AUTO, SEARCH, DistillationConfig, RunConfig
 from pocketflow.errors import ConfigError
-from pocketflow.precision import FLOAT32, mixed_twin
+from pocketflow.precision import FLOAT32, mixed_twin, model_precision
 from pocketflow.training import LossFunction, outputs_probabilities
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ class Distiller:
         forward pass is a quarter of a distilled step in float32 (ResNet-20, 37 of 180 ms next to a
         bfloat16 student), and soft targets at T = 4 do not need float32's last digits."""
         if self._computing_teacher is None:
-            twin = mixed_twin(self.teacher, self.precision)[0] if self.precision != FLOAT32 else None
+            precision = model_precision(self.teacher, self.precision)[0]
+            twin = mixed_twin(self.teacher, precision)[0] if precision != FLOAT32 else None
             self._computing_teacher = twin or self.teacher
         return self._computing_teacher
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,35 @@ def hardware_bfloat16() -> Tuple[bool, str]:
 
 
 def resolve_precision(requested: str) -> str:
-    """``auto`` becomes bfloat16 where the hardware computes it natively, float32 elsewhere."""
+    """The run's setting: ``auto`` stays ``auto`` where the hardware computes bfloat16 natively (each
+    training then decides by its model's widths, ``model_precision``) and becomes float32 elsewhere."""
     if requested != AUTO:
         return requested
     native, _ = hardware_bfloat16()
-    return BFLOAT16 if native else FLOAT32
+    return AUTO if native else FLOAT32
+
+
+# oneDNN's bfloat16 kernels (AMX tiles) are fast only for channel counts that are multiples of 16: a
+# training step of a 3-layer CNN at widths 16/32/48/64 took 0.65/0.49/0.43/0.40x float32's time, at
+# 8/11/20/24/40 it took 4.1/2.0/2.3/1.9/1.1x (scripts/time_precision.py's sitting, 2 cores with AMX);
+# a pruned ResNet-20's 5-epoch fine-tuning took 1,105 s in bfloat16 against 485 s in float32.
+BFLOAT16_WIDTH_MULTIPLE = 16
+
+
+def model_precision(model, precision: str) -> Tuple[str, Optional[str]]:
+    """(precision to train ``model`` in, why float32 where ``auto`` chose it): ``auto`` is bfloat16 when
+    every convolution and dense layer but the output's has a multiple of 16 output channels."""
+    if precision != AUTO:
+        return precision, None
+    output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
+    odd = [f"{layer.name} ({layer.output.shape[-1]})" for layer in model.layers
+           if id(layer) not in output_layers and any("kernel" in weight.name for weight in layer.weights)
+           and layer.output.shape[-1] % BFLOAT16_WIDTH_MULTIPLE]
+    if odd:
+        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        return FLOAT32, (f"auto keeps float32 where layer widths are not multiples of {BFLOAT16_WIDTH_MULTIPLE} "
+                         f"(bfloat16 runs slower there): {shown}")
+    return BFLOAT16, None
 
 
 def mixed_twin(model, precision: str):

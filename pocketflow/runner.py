@@ -38,7 +38,7 @@ from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
 from hpo.targets import meets
 from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
-from pocketflow.precision import hardware_bfloat16
+from pocketflow.precision import AUTO, BFLOAT16_WIDTH_MULTIPLE, hardware_bfloat16
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
 log = logging.getLogger(__name__)
@@ -537,8 +537,11 @@ def _environment(config: RunConfig, schedule: TrainSchedule) -> Dict[str, Any]:
     return {
         # What the trainings ran in (config train.precision, auto resolved here); a training that
         # cannot use it (a per-step weight hook, layers from outside Keras) says so in run.log.
-        "training_precision": {"requested": config.train.precision, "used": schedule.precision,
-                               "bfloat16_hardware": hardware if native else f"none: {hardware}"},
+        "training_precision": {
+            "requested": config.train.precision, "used": schedule.precision,
+            "bfloat16_hardware": hardware if native else f"none: {hardware}",
+            **({"rule": f"bfloat16 for trainings whose layer widths are all multiples of {BFLOAT16_WIDTH_MULTIPLE}, "
+                        f"float32 for the others (run.log says which)"} if schedule.precision == AUTO else {})},
         "tensorflow": tf.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

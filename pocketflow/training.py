@@ -22,7 +22,7 @@ from nets import Schedule
 from pocketflow.config import DataConfig, TrainConfig
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
-from pocketflow.precision import FLOAT16, FLOAT32, copy_weights, mixed_twin, resolve_precision
+from pocketflow.precision import FLOAT16, FLOAT32, copy_weights, mixed_twin, model_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,9 @@ class TrainSchedule:
     weight_decay: float
     augment: bool
     scale_learning_rate: bool = True
-    precision: str = FLOAT32  # resolved: float32, bfloat16 or float16 (never auto)
+    # float32, bfloat16, float16, or auto where the hardware has bfloat16 (each training then picks by
+    # its model's layer widths: pocketflow.precision.model_precision)
+    precision: str = FLOAT32
 
     def with_epochs(self, epochs: float) -> "TrainSchedule":
         return replace(self, epochs=epochs)
@@ -223,7 +225,10 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     # ran before it in this process: a baseline trained here or loaded from the cache, a search run
     # straight through or killed and resumed, all train their candidates identically.
     tf.random.set_seed(seed)
-    trained = _precision_twin(model, schedule.precision, after_step, description)
+    precision, auto_reason = model_precision(model, schedule.precision)
+    if auto_reason:
+        log.info("%s runs in float32: %s", description, auto_reason, extra={"console": False})
+    trained = _precision_twin(model, precision, after_step, description)
     try:
         return _train_loop(trained, data, schedule, distributed, seed, loss_function or cross_entropy_for(model),
                            after_step, description, step_seconds)

@@ -11,6 +11,9 @@ which varies by seconds.
 
     python scripts/time_precision.py --model ../shared/data/pretrained/resnet20_cifar10.h5 \\
         --data-dir ../shared/data/cifar10 --rounds 3 [--distill]
+
+``--widths 8 11 16 ...`` instead times one fixed batch's step of a three-layer CNN (widths w, w, 2w) in
+both precisions, alternating: the evidence for ``auto``'s rule (bfloat16 only at multiples of 16).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,13 +32,19 @@ TRACING_STEPS = 3
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a Keras model file (.h5 or .keras)")
-    parser.add_argument("--data-dir", required=True, help="CIFAR-10 (python version) directory")
+    parser.add_argument("--model", help="a Keras model file (.h5 or .keras)")
+    parser.add_argument("--data-dir", help="CIFAR-10 (python version) directory")
+    parser.add_argument("--widths", type=int, nargs="+", help="time a small CNN at these widths instead")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="float32/bfloat16 pairs, alternating")
     parser.add_argument("--distill", action="store_true", help="with a distillation teacher (channel's default)")
     args = parser.parse_args()
+    if args.widths:
+        time_widths(args.widths, args.batch_size, args.rounds)
+        return
+    if not (args.model and args.data_dir):
+        parser.error("--model and --data-dir are needed (or --widths)")
 
     import pocketflow  # noqa: F401  (one Keras, oneDNN as the product runs)
     from learners.distillation import Distiller
@@ -74,6 +84,56 @@ def main() -> None:
     ratios = [f / b for f, b in zip(per_step["float32"], per_step["bfloat16"])]
     print(f"bfloat16 speed-up: {medians['float32'] / medians['bfloat16']:.2f}x (medians); per round "
           + ", ".join(f"{ratio:.2f}x" for ratio in ratios) + f", median {statistics.median(ratios):.2f}x")
+
+
+def time_widths(widths, batch_size: int, rounds: int) -> None:
+    import numpy as np
+
+    import pocketflow  # noqa: F401
+    import tensorflow as tf
+    from pocketflow.precision import mixed_twin
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, 10, batch_size))
+    loss_function = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def network(width: int) -> tf.keras.Model:
+        inputs = tf.keras.Input((32, 32, 3))
+        x = inputs
+        for channels in (width, width, 2 * width):
+            x = tf.keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(x)
+            x = tf.keras.layers.ReLU()(tf.keras.layers.BatchNormalization()(x))
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(10)(tf.keras.layers.GlobalAveragePooling2D()(x)))
+
+    def step_function(model: tf.keras.Model):
+        optimizer = tf.keras.optimizers.legacy.SGD(0.001, momentum=0.9)
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = loss_function(labels, model(images, training=True))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            return loss
+        return step
+
+    print("| widths | float32 | bfloat16 | bfloat16 / float32 |\n|---|---|---|---|")
+    for width in widths:
+        model = network(width)
+        steps = {"float32": step_function(model), "bfloat16": step_function(mixed_twin(model, "bfloat16")[0])}
+        times = {name: [] for name in steps}
+        for step in steps.values():
+            for _ in range(3):  # tracing, oneDNN primitives
+                step()
+        for _ in range(rounds):
+            for name, step in steps.items():
+                for _ in range(5):
+                    started = time.perf_counter()
+                    float(step())
+                    times[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
+        print(f"| {width}, {width}, {2 * width} | {medians['float32']:.0f} ms | {medians['bfloat16']:.0f} ms | "
+              f"{medians['bfloat16'] / medians['float32']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,27 @@ def test_auto_picks_bfloat16_only_where_the_cpu_computes_it(monkeypatch, tmp_pat
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("a GPU decides auto here")
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert precision.resolve_precision("auto") == "bfloat16"
+    assert precision.resolve_precision("auto") == "auto"  # each training decides by its model
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
     assert precision.resolve_precision("auto") == "float32"
     assert precision.resolve_precision("bfloat16") == "bfloat16"  # an explicit choice is kept
+
+
+def _widths(first: int, second: int) -> tf.keras.Model:
+    inputs = tf.keras.Input((8, 8, 3))
+    x = tf.keras.layers.Conv2D(first, 3, name="first")(inputs)
+    x = tf.keras.layers.DepthwiseConv2D(3, name="depthwise")(x)
+    x = tf.keras.layers.Dense(second, name="hidden")(tf.keras.layers.GlobalAveragePooling2D()(x))
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(10, name="logits")(x))
+
+
+def test_auto_trains_in_bfloat16_only_models_whose_widths_its_kernels_are_fast_for():
+    assert precision.model_precision(_widths(16, 32), "auto") == ("bfloat16", None)  # the 10 logits do not count
+    chosen, reason = precision.model_precision(_widths(11, 32), "auto")
+    assert chosen == "float32" and "first (11), depthwise (11)" in reason and "multiples of 16" in reason
+    assert precision.model_precision(_widths(16, 24), "auto")[0] == "float32"
+    assert precision.model_precision(_widths(11, 24), "bfloat16") == ("bfloat16", None)  # asked for: kept
+    assert precision.model_precision(_widths(11, 24), "float32") == ("float32", None)
 
 
 def test_bfloat16_trains_a_twin_and_hands_back_float32_weights(digits, caplog):
@@ -128,3 +145,9 @@ def test_a_distillation_teacher_computes_in_the_trainings_precision(digits):
     logits = mixed.teacher_logits(images).numpy()
     assert logits.dtype == np.float32 and not np.array_equal(logits, exact)  # bfloat16's rounding ...
     np.testing.assert_allclose(logits, exact, atol=0.05)  # ... of the same teacher
+    # auto: the teacher's widths decide (this one's 16 channels are fast in bfloat16; 11 are not).
+    assert not np.array_equal(Distiller(teacher, precision="auto").teacher_logits(images).numpy(), exact)
+    odd = _widths(11, 32)
+    odd_images = tf.constant(np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32))
+    np.testing.assert_array_equal(Distiller(odd, precision="auto").teacher_logits(odd_images).numpy(),
+                                  odd(odd_images, training=False).numpy())
