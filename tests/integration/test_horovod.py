@@ -249,7 +249,7 @@ def test_a_chain_on_two_horovod_processes_reports_once_and_trains_every_stage_wi
     report = json.loads((out / "report.json").read_text())
     assert report["world_size"] == 2 and report["status"] == "completed"
     assert report["trials"]["completed"] == 3
-    assert 2.0 <= report["best"]["speedup"] <= 2.1
+    assert report["best"]["speedup"] >= 2.0  # more where the size split asks the pruning for more
     assert report["best"]["accuracy"] >= report["baseline"]["accuracy"] - 0.05
     assert report["best"]["shipped_format"] == "int8 TFLite" and len(report["best"]["stages"]) == 2
     assert report["best"]["compression_split"]["pruning_float_compression"] > 1
