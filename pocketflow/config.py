@@ -61,7 +61,8 @@ class TrainConfig:
     optimizer: Optional[Literal["sgd", "adam"]] = None
     weight_decay: Optional[float] = None
     scale_learning_rate: bool = True  # multiply by the number of Horovod workers
-    # auto: bfloat16 where the CPU has AVX512-BF16 / AMX or the GPU bfloat16 tensor cores, else float32
+    # auto: bfloat16 for models whose layer widths are multiples of 16, on CPUs with AVX512-BF16 / AMX or GPUs
+    # with bfloat16 tensor cores; float32 elsewhere (README, Training precision)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def __post_init__(self) -> None:
