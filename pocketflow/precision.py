@@ -83,10 +83,13 @@ def model_precision(model, precision: str) -> Tuple[str, Optional[str]]:
     every convolution and dense layer but the output's has a multiple of 16 output channels."""
     if precision != AUTO:
         return precision, None
-    output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
-    odd = [f"{layer.name} ({layer.output.shape[-1]})" for layer in model.layers
-           if id(layer) not in output_layers and any("kernel" in weight.name for weight in layer.weights)
-           and layer.output.shape[-1] % BFLOAT16_WIDTH_MULTIPLE]
+    try:
+        output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
+        odd = [f"{layer.name} ({layer.output.shape[-1]})" for layer in model.layers
+               if id(layer) not in output_layers and any("kernel" in weight.name for weight in layer.weights)
+               and layer.output.shape[-1] % BFLOAT16_WIDTH_MULTIPLE]
+    except (AttributeError, TypeError):  # a subclassed model: no graph to read widths from
+        return FLOAT32, "auto keeps float32 for a model without a layer graph (its widths are unknown)"
     if odd:
         shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
         return FLOAT32, (f"auto keeps float32 where layer widths are not multiples of {BFLOAT16_WIDTH_MULTIPLE} "

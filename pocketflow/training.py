@@ -22,7 +22,7 @@ from nets import Schedule
 from pocketflow.config import DataConfig, TrainConfig
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
-from pocketflow.precision import FLOAT16, FLOAT32, copy_weights, mixed_twin, model_precision, resolve_precision
+from pocketflow.precision import AUTO, FLOAT16, FLOAT32, copy_weights, mixed_twin, model_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     precision, auto_reason = model_precision(model, schedule.precision)
     if auto_reason:
         log.info("%s runs in float32: %s", description, auto_reason, extra={"console": False})
-    trained = _precision_twin(model, precision, after_step, description)
+    trained = _precision_twin(model, precision, after_step, description, asked=schedule.precision != AUTO)
     try:
         return _train_loop(trained, data, schedule, distributed, seed, loss_function or cross_entropy_for(model),
                            after_step, description, step_seconds)
@@ -238,8 +238,9 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
 
 
 def _precision_twin(model: tf.keras.Model, precision: str, after_step: Optional[Callable[[], None]],
-                    description: str) -> tf.keras.Model:
-    """The model the loop trains: ``model`` itself in float32, or its mixed-precision twin."""
+                    description: str, asked: bool) -> tf.keras.Model:
+    """The model the loop trains: ``model`` itself in float32, or its mixed-precision twin. A fallback
+    the user asked against (``asked``: an explicit train.precision) is said on the console too."""
     if precision == FLOAT32:
         return model
     if after_step is not None:
@@ -247,7 +248,7 @@ def _precision_twin(model: tf.keras.Model, precision: str, after_step: Optional[
     else:
         twin, reason = mixed_twin(model, precision)
     if twin is None:
-        log.info("%s runs in float32, not %s: %s", description, precision, reason)
+        log.info("%s runs in float32, not %s: %s", description, precision, reason, extra={"console": asked})
         return model
     log.debug("%s runs in %s (mixed precision: float32 weights)", description, precision)
     return twin

@@ -64,6 +64,13 @@ def test_auto_trains_in_bfloat16_only_models_whose_widths_its_kernels_are_fast_f
     assert precision.model_precision(_widths(11, 24), "bfloat16") == ("bfloat16", None)  # asked for: kept
     assert precision.model_precision(_widths(11, 24), "float32") == ("float32", None)
 
+    class Subclassed(tf.keras.Model):
+        def call(self, inputs):
+            return inputs
+
+    chosen, reason = precision.model_precision(Subclassed(), "auto")
+    assert chosen == "float32" and "widths are unknown" in reason
+
 
 def test_bfloat16_trains_a_twin_and_hands_back_float32_weights(digits, caplog):
     reference, model = _net(), _net()
