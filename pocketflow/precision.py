@@ -25,7 +25,6 @@ FLOAT32 = "float32"
 BFLOAT16 = "bfloat16"
 FLOAT16 = "float16"
 AUTO = "auto"
-CHOICES = (AUTO, FLOAT32, BFLOAT16, FLOAT16)
 _POLICIES = {BFLOAT16: "mixed_bfloat16", FLOAT16: "mixed_float16"}
 _KERAS_LAYER_MODULES = ("tf_keras.src.layers.", "tf_keras.src.engine.input_layer")
 
@@ -72,10 +71,15 @@ def resolve_precision(requested: str) -> str:
 
 
 # oneDNN's bfloat16 kernels (AMX tiles) are fast only for channel counts that are multiples of 16: a
-# training step of a 3-layer CNN at widths 16/32/48/64 took 0.65/0.49/0.43/0.40x float32's time, at
-# 8/11/20/24/40 it took 4.1/2.0/2.3/1.9/1.1x (scripts/time_precision.py's sitting, 2 cores with AMX);
-# a pruned ResNet-20's 5-epoch fine-tuning took 1,105 s in bfloat16 against 485 s in float32.
+# training step of a 3-layer CNN at widths 16/32/48/64 took 0.61/0.48/0.42/0.38x float32's time, at
+# 8/11/20/24/40 it took 4.67/1.97/2.42/2.10/1.12x (`scripts/time_precision.py --widths`, README's table,
+# 2 cores with AMX); a pruned ResNet-20's 5-epoch fine-tuning took 1,105 s in bfloat16 against 485 s.
 BFLOAT16_WIDTH_MULTIPLE = 16
+
+
+def _output_layer_ids(model) -> set:
+    """Identities of the layers that produce the model's outputs (they keep float32)."""
+    return {id(tensor._keras_history.layer) for tensor in model.outputs}
 
 
 def model_precision(model, precision: str) -> Tuple[str, Optional[str]]:
@@ -84,7 +88,7 @@ def model_precision(model, precision: str) -> Tuple[str, Optional[str]]:
     if precision != AUTO:
         return precision, None
     try:
-        output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
+        output_layers = _output_layer_ids(model)
         odd = [f"{layer.name} ({layer.output.shape[-1]})" for layer in model.layers
                if id(layer) not in output_layers and any("kernel" in weight.name for weight in layer.weights)
                and layer.output.shape[-1] % BFLOAT16_WIDTH_MULTIPLE]
@@ -115,7 +119,7 @@ def mixed_twin(model, precision: str):
         return None, f"layers from outside Keras ({', '.join(foreign)}) are not rebuilt in {precision}"
     # The layers whose outputs are the model's stay float32: a softmax or logits in bfloat16 lose
     # the small differences the loss is made of (Keras's own advice for mixed precision).
-    output_layers = {id(tensor._keras_history.layer) for tensor in model.outputs}
+    output_layers = _output_layer_ids(model)
 
     def rebuild(layer):
         config = layer.get_config()

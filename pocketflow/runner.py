@@ -535,8 +535,8 @@ def _schedule_for(net: Optional[NetSpec], dataset_name: str) -> Schedule:
 def _environment(config: RunConfig, schedule: TrainSchedule) -> Dict[str, Any]:
     native, hardware = hardware_bfloat16()
     return {
-        # What the trainings ran in (config train.precision, auto resolved here); a training that
-        # cannot use it (a per-step weight hook, layers from outside Keras) says so in run.log.
+        # train.precision as asked and as the schedule resolved it (auto stays auto where the hardware
+        # has bfloat16: each training then picks by its model's widths); every fallback is in run.log.
         "training_precision": {
             "requested": config.train.precision, "used": schedule.precision,
             "bfloat16_hardware": hardware if native else f"none: {hardware}",
