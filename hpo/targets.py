@@ -26,6 +26,8 @@ class TargetKind:
 TARGET_KINDS: Dict[str, TargetKind] = {
     "speedup": TargetKind("speedup", True, "baseline MACs / compressed MACs"),
     "compression": TargetKind("compression", True, "float TFLite bytes of the baseline / shipped bytes"),
+    "latency_speedup": TargetKind("latency_speedup", True,
+                                  "TFLite latency of the baseline's file / the shipped file's, timed in turn"),
     "sparsity": TargetKind("sparsity", True, "fraction of prunable weights that are zero"),
     "bits": TargetKind("bits", False, "parameter-weighted average weight bits"),
 }

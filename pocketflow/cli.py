@@ -30,6 +30,7 @@ FLAG_KEYS: Dict[str, str] = {
     "learning_rate": "train.learning_rate",
     "target_speedup": "target.speedup",
     "target_compression": "target.compression",
+    "target_latency_speedup": "target.latency_speedup",
     "target_sparsity": "target.sparsity",
     "target_bits": "target.bits",
     "trials": "hpo.trials",
@@ -138,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_argument_group("target (what the compressed model must reach)")
     target.add_argument("--target-speedup", type=float, help="MACs(baseline) / MACs(compressed), e.g. 2.5")
     target.add_argument("--target-compression", type=float, help="float TFLite bytes / shipped bytes, e.g. 8")
+    target.add_argument("--target-latency-speedup", type=float,
+                        help="TFLite latency of the baseline / of the shipped file (batch 1, one thread), e.g. 2")
     target.add_argument("--target-sparsity", type=float, help="fraction of prunable weights that are zero")
     target.add_argument("--target-bits", type=float, help="parameter-weighted average weight bits")
 

@@ -84,6 +84,8 @@ class TargetConfig:
 
     speedup: Optional[float] = None  # baseline MACs / compressed MACs
     compression: Optional[float] = None  # float TFLite bytes of the baseline / bytes of the shipped file
+    # TFLite latency of the baseline's file / the shipped file's (batch 1, one thread, timed in turn)
+    latency_speedup: Optional[float] = None
     sparsity: Optional[float] = None  # fraction of prunable weights that are zero
     bits: Optional[float] = None  # parameter-weighted average weight bits
 
@@ -94,6 +96,9 @@ class TargetConfig:
         if self.compression is not None:
             _check(1.0 < self.compression <= 1000.0, "target.compression", self.compression,
                    "must be > 1 (8 means an 8x smaller file)")
+        if self.latency_speedup is not None:
+            _check(1.0 < self.latency_speedup <= 1000.0, "target.latency_speedup", self.latency_speedup,
+                   "must be > 1 (2 means the shipped TFLite file runs in half the baseline's time)")
         if self.sparsity is not None:
             _check(0.0 < self.sparsity < 1.0, "target.sparsity", self.sparsity,
                    "must be in (0, 1), e.g. 0.8 for 80% zeros")

@@ -30,7 +30,7 @@ the exact MACs of a pruned candidate without rebuilding it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -423,6 +423,22 @@ class ChannelAnalysis:
                                  f"[1, {self.groups[group].channels}]")
         return self._constant_macs + sum(self._term_macs(term, keep_counts) for term in self._mac_terms)
 
+    def latency_for(self, keep_counts: Mapping[str, int], width_cost: Callable[[int], float]) -> float:
+        """Predicted time with ``keep_counts`` kept, in MACs at the widest probe's speed: each
+        convolution's or dense layer's MACs times ``width_cost(out) / out``, where ``width_cost``
+        (``pocketflow.width_cost``) gives what ``out`` output channels cost in the shipping runtime.
+        Depthwise layers and the layers outside the analysis count their MACs as they are."""
+        self.macs_for(keep_counts)  # validates the counts
+        total = float(self._constant_macs)
+        for term in self._mac_terms:
+            in_shape, out_shape = self._term_shapes(term, keep_counts)
+            macs = float(metrics.mac_counter(term.layer)(term.layer, in_shape, out_shape))
+            width = int(out_shape[-1])
+            if width and _output_tiled(term.layer):
+                macs *= width_cost(width) / width
+            total += macs
+        return total
+
     def weights_for(self, keep_counts: Mapping[str, int]) -> int:
         """Weights a deployed file stores for the counted layers with ``keep_counts`` kept: kernel
         entries plus one bias per output channel (BatchNorm folds into it). A file's size moves with
@@ -455,6 +471,13 @@ class ChannelAnalysis:
             "barriers": [{"layer": b.layer, "class": b.class_name, "reason": b.reason}
                          for b in self.barriers],
         }
+
+
+def _output_tiled(layer: tf.keras.layers.Layer) -> bool:
+    """Layers computed as a matrix product whose output channels the runtime tiles (a depthwise
+    layer computes each channel on its own)."""
+    return (isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))
+            and not isinstance(layer, tf.keras.layers.DepthwiseConv2D))
 
 
 def _model_nodes(model: tf.keras.Model) -> List[object]:

@@ -4,7 +4,8 @@ The optimizer proposes one keep ratio per prunable channel group; the ratios are
 scaled together so the pruned model's MACs land in [target, 1.05 x target] speedup (exact
 MAC arithmetic, no model is built for that). A size target (``--target-compression``: the float
 TFLite file that many times smaller) is a second ceiling, on the weights the file stores, met the
-same way; with both, the tighter one decides. Channels are chosen by LASSO on sampled
+same way; a latency target (``--target-latency-speedup``) a third, on the time predicted from this
+machine's measured cost of each output width (``pocketflow.width_cost``); the tightest decides. Channels are chosen by LASSO on sampled
 feature maps with least-squares reconstruction of the next layer (He et al. 2017) or by
 filter L1 norm, and the candidate is a new, smaller Keras model.
 """
@@ -24,6 +25,8 @@ from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.sampling import BaselineCache
 from learners.channel_pruning.selection import prune_model
 from learners.distillation import Distiller, distillation_loss
+from pocketflow import width_cost
+from pocketflow.baseline import cache_directory
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
 from pocketflow.training import from_trained, recalibrate_batchnorm, settle_batchnorm, train
@@ -33,6 +36,14 @@ log = logging.getLogger(__name__)
 UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
 SIZE_MARGIN = 0.005  # plan the file 0.5% under its byte budget (the file's fixed part moves a little)
 FLOAT_BYTES = 4  # a float32 weight in the file
+# Plan the predicted latency 3% under its budget: predictions were within 3% of the measured ratio on
+# ResNet-56 (1.385x predicted, 1.39x measured; 1.42x, 1.45x), and the shipped file is what is checked.
+LATENCY_MARGIN = 0.03
+# With a latency target, candidates are widened from LATENCY_RESTART x the widths that fit, skipping
+# widenings that add over TILE_WASTE x their MACs' time: on ResNet-56, 32 -> 36 channels in a
+# stage-3 layer adds 4.6x, 16 -> 20 in stage 2 3.4x (a new tile), most others 0.5-1.5x.
+LATENCY_RESTART = 0.8
+TILE_WASTE = 2.5
 # channel.criterion = auto picks L1 selection (no re-fit) from this many fine-tuning epochs on, LASSO
 # with the re-fit below it. Default search on the shared ResNet-20, distilled fine-tuning, one run
 # each (docs/channel-recovery.md): LASSO + re-fit ahead by 0.64 points after 1 epoch at 3x, level
@@ -96,7 +107,7 @@ class ChannelHyperparameters:
 class ChannelPruningLearner(Learner):
     name = "channel"
     Config = ChannelConfig
-    targets = ("speedup", "compression")
+    targets = ("speedup", "compression", "latency_speedup")
     pareto_cost = "macs"  # --objective pareto: accuracy vs MACs (leave the target off for a spread)
     distill_by_default = True
 
@@ -106,6 +117,7 @@ class ChannelPruningLearner(Learner):
         self._samples: Optional[np.ndarray] = None
         self._baseline_cache = BaselineCache()  # the baseline's sampled statistics, shared by every candidate
         self._baseline_bytes: Optional[int] = None  # the baseline's float TFLite file (size targets)
+        self._width_cost: Optional[width_cost.WidthCost] = None  # this machine's width curve (latency targets)
 
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> None:
@@ -117,6 +129,20 @@ class ChannelPruningLearner(Learner):
             if not self._baseline_bytes:
                 raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass "
                                   "--export none with this target")
+        if self.context.target.latency_speedup is not None and self._width_cost is None:
+            measured = None
+            if self.context.distributed.is_chief:  # every rank plans with the chief's curve
+                measured = width_cost.cached(cache_directory(), threads=self.context.threads)
+            self._width_cost = self.context.distributed.broadcast_object(measured)
+            log.info("latency target: output widths cost %s (effective channels at widths %s, %s)",
+                     [round(self._width_cost(w), 1) for w in self._width_cost.widths], list(self._width_cost.widths),
+                     self._width_cost.runtime)
+
+    def latency_speedup(self, keep_counts: Mapping[str, int]) -> float:
+        """The float TFLite file's predicted latency ratio with ``keep_counts`` kept (this machine's
+        width curve; the shipped file is timed against the baseline's at the end)."""
+        analysis = self.analysis(self.baseline)
+        return analysis.latency_for({}, self._width_cost) / analysis.latency_for(keep_counts, self._width_cost)
 
     def float_bytes(self, keep_counts: Mapping[str, int]) -> float:
         """The float TFLite file's size with ``keep_counts`` kept: the baseline's file less 4 bytes for
@@ -166,6 +192,8 @@ class ChannelPruningLearner(Learner):
         analysis = self.analysis(self.baseline)
         floor_counts = self._floor_counts(self.baseline)
         reached = {"speedup": analysis.total_macs / analysis.macs_for(floor_counts)}
+        if self._width_cost is not None:
+            reached["latency_speedup"] = self.latency_speedup(floor_counts)
         if self._baseline_bytes:
             reached["compression"] = self._baseline_bytes / self.float_bytes(floor_counts)
         return reached
@@ -174,6 +202,8 @@ class ChannelPruningLearner(Learner):
         metrics = super().candidate_metrics(candidate)
         if self._baseline_bytes and isinstance(candidate.state, dict):
             metrics["compression"] = self._baseline_bytes / self.float_bytes(candidate.state)
+        if self._width_cost is not None and isinstance(candidate.state, dict):
+            metrics["latency_speedup"] = self.latency_speedup(candidate.state)
         return metrics
 
     def _ceilings(self) -> List[Tuple[Callable[[Mapping[str, int]], float], float]]:
@@ -188,6 +218,10 @@ class ChannelPruningLearner(Learner):
             budget = self._baseline_bytes / target.compression * (1.0 - SIZE_MARGIN)
             removed = (self._baseline_bytes - budget) / FLOAT_BYTES
             ceilings.append((analysis.weights_for, analysis.weights_for({}) - removed))
+        if target.latency_speedup is not None:
+            cost = self._width_cost
+            budget = analysis.latency_for({}, cost) / (target.latency_speedup * (1.0 + LATENCY_MARGIN))
+            ceilings.append((lambda counts: analysis.latency_for(counts, cost), budget))
         return ceilings
 
     def unreachable_hint(self) -> str:
@@ -267,15 +301,30 @@ class ChannelPruningLearner(Learner):
             else:
                 high = middle
         shape = {name: max(raw_ratios[name], 1e-6) for name in channels}
+        if self.context.target.latency_speedup is not None:
+            # Time is a step function of width: restart below the bisection's widths and widen only
+            # where a channel costs about its MACs' share, so no layer ends a few channels past a tile.
+            return self._fill(counts_at(low * LATENCY_RESTART), channels, fits, self.options.channel_multiple, shape,
+                              waste=self._tile_waste)
         counts = self._fill(counts_at(low), channels, fits, self.options.channel_multiple, shape)
         if all(cost(counts) < ceiling / UPPER_SLACK for cost, ceiling in ceilings):  # coarse steps overshot
             counts = self._fill(counts, channels, fits, 1, shape)
         return counts
 
+    def _tile_waste(self, counts: Mapping[str, int], widened: Mapping[str, int]) -> float:
+        """Predicted time a widening adds over the MACs it adds (both in MACs at the widest probe's
+        speed): about 1 for most widenings, 3 or more for one that starts a new register tile."""
+        analysis = self.analysis(self.baseline)
+        added_macs = analysis.macs_for(widened) - analysis.macs_for(counts)
+        added_time = analysis.latency_for(widened, self._width_cost) - analysis.latency_for(counts, self._width_cost)
+        return added_time / added_macs if added_macs > 0 else 0.0
+
     def _fill(self, counts: Dict[str, int], channels: Mapping[str, int], fits: Callable[[Mapping[str, int]], bool],
-              step: int, shape: Mapping[str, float]) -> Dict[str, int]:
+              step: int, shape: Mapping[str, float],
+              waste: Optional[Callable[[Mapping[str, int], Mapping[str, int]], float]] = None) -> Dict[str, int]:
         """Widen groups by ``step`` while every ceiling holds, always the group furthest below its
-        proposed share (``shape``), so the proposal's proportions are kept."""
+        proposed share (``shape``), so the proposal's proportions are kept; with ``waste``, skip
+        widenings whose added time is over TILE_WASTE times the MACs they add."""
         counts = dict(counts)
         while True:
             fitting = []
@@ -284,7 +333,7 @@ class ChannelPruningLearner(Learner):
                     continue
                 widened = dict(counts)
                 widened[name] = min(channels[name], counts[name] + step)
-                if fits(widened):
+                if fits(widened) and (waste is None or waste(counts, widened) <= TILE_WASTE):
                     fitting.append((counts[name] / (shape[name] * channels[name]), name))
             if not fitting:
                 return counts
@@ -344,7 +393,15 @@ class ChannelPruningLearner(Learner):
                 f"validation accuracy after BatchNorm re-estimation on {self.options.recalibrate_batches} training "
                 f"batches; with {quality['criterion']} selection it ranked candidates like their fine-tuned test "
                 f"accuracy with Spearman {quality['spearman']:.2f} ({quality['measured_on']}; {quality['source']})"]})
-        return {"channels": {name: {"before": group.channels, "after": after[name]} for name, group in groups.items()},
+        described: Dict[str, Any] = {}
+        if self._width_cost is not None and counts is not None:
+            described["latency_prediction"] = {
+                "latency_speedup": self.latency_speedup(counts), "width_cost": self._width_cost.as_dict(),
+                "how": "each convolution's MACs times the measured cost of its output width in the shipping "
+                       "runtime on this machine (pocketflow/width_cost.py); the shipped file is timed against "
+                       "the baseline's for the target check"}
+        return {**described,
+                "channels": {name: {"before": group.channels, "after": after[name]} for name, group in groups.items()},
                 "barriers": barriers, "report_sections": sections,
                 "trial_score": (f"validation accuracy after BatchNorm re-estimation on "
                                 f"{self.options.recalibrate_batches} training batches"
