@@ -98,7 +98,11 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += [
             "",
             f"- MAC speedup: **{_number(best.get('speedup'))}x**; measured TFLite latency ratio: "
-            f"{_number(best.get('latency_speedup'))}x",
+            f"{_number(best.get('latency_speedup'))}x"
+            + (f" (baseline {best['latency_comparison']['baseline_ms']:.3f} ms, shipped "
+               f"{best['latency_comparison']['shipped_ms']:.3f} ms, timed in turn)" if best.get("latency_comparison") else "")
+            + (f"; predicted from this machine's width costs: {best['latency_prediction']['latency_speedup']:.2f}x"
+               if best.get("latency_prediction") else ""),
             f"- compression (float TFLite bytes of the baseline / bytes of the shipped file): "
             f"**{_number(best.get('compression'))}x** ({best.get('shipped_format', 'float TFLite')})",
             f"- accuracy change: {_number(100 * best['accuracy_delta'] if best.get('accuracy_delta') is not None else None)} points",

@@ -59,7 +59,8 @@ class WidthCost:
 
 def linear() -> WidthCost:
     """Every channel costs the same: the MAC count's model, for tests and machines without a runtime."""
-    return WidthCost(PROBE_WIDTHS, tuple(float(width) for width in PROBE_WIDTHS), "linear (MACs)")
+    widths = tuple(range(1, PROBE_WIDTHS[-1] + 1))
+    return WidthCost(widths, tuple(float(width) for width in widths), "linear (MACs)")
 
 
 def _probe(width: int):

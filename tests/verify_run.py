@@ -30,6 +30,9 @@ def assert_report_matches_files(run_dir: Path) -> dict:
     assert count_macs(model) == best["macs"] and count_params(model) == best["params"]
     assert accuracy(model, dataset.test(256)) == pytest.approx(best["accuracy"], abs=1e-9)
     assert best["speedup"] == pytest.approx(baseline["macs"] / count_macs(model))
+    comparison = best.get("latency_comparison")
+    if comparison:  # the reported ratio is the one timed in turn, not two timings minutes apart
+        assert best["latency_speedup"] == comparison["ratio"] == comparison["baseline_ms"] / comparison["shipped_ms"]
 
     assert report["environment"]["tflite_runtime"] == runtime_name()
     for mode, measured in best.get("exports", {}).items():

@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 UPPER_SLACK = 1.05  # the candidate's speedup lies in [target, 1.05 x target]
 SIZE_MARGIN = 0.005  # plan the file 0.5% under its byte budget (the file's fixed part moves a little)
 FLOAT_BYTES = 4  # a float32 weight in the file
-# Plan the predicted latency 3% under its budget: predictions were within 3% of the measured ratio on
-# ResNet-56 (1.385x predicted, 1.39x measured; 1.42x, 1.45x), and the shipped file is what is checked.
-LATENCY_MARGIN = 0.03
+# Plan the predicted latency 5% under its budget, since the shipped file is what is checked: predictions
+# were within 3% of the measured ratio (ResNet-56: 1.385x predicted, 1.39x measured; 1.42x, 1.45x;
+# 2.06x, 2.08x; the digits CNN, whose pooling and classifier weigh more: 1.55x, 1.50x).
+LATENCY_MARGIN = 0.05
 # With a latency target, candidates are widened from LATENCY_RESTART x the widths that fit, skipping
 # widenings that add over TILE_WASTE x their MACs' time: on ResNet-56, 32 -> 36 channels in a
 # stage-3 layer adds 4.6x, 16 -> 20 in stage 2 3.4x (a new tile), most others 0.5-1.5x.

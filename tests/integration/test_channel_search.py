@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -135,3 +136,23 @@ def test_kill_9_during_the_search_then_resume_loses_nothing(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["trials"]["completed"] == 8
     assert report["best"]["speedup"] >= 2.0
+
+
+def test_a_latency_target_is_met_by_the_shipped_file_timed_against_the_baseline(tmp_path):
+    """--target-latency-speedup on the default net: the search plans on this machine's measured width
+    curve (measured once, cached), and the shipped file, timed in turn with the baseline's, meets it."""
+    out = tmp_path / "latency"
+    result = subprocess.run(main_command("--target-latency-speedup=1.3", "--trials", "4", "--finetune-epochs", "1",
+                                         "--output-dir", str(out)), capture_output=True, text=True, timeout=600,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    best = report["best"]
+    assert best["target_check"]["latency_speedup"]["met"] is True
+    assert best["latency_speedup"] >= 1.3 and best["latency_comparison"]["ratio"] == best["latency_speedup"]
+    prediction = best["latency_prediction"]
+    assert prediction["latency_speedup"] >= 1.3 * 1.05 - 1e-9 and len(prediction["width_cost"]["widths"]) >= 8
+    assert report["trials"]["completed"] == 4
+    assert_report_matches_files(out)
+    cache = os.environ.get("POCKETFLOW_CACHE_DIR")
+    assert cache and list((Path(cache) / "width_cost").glob("*.json")), "the curve is cached for the next run"

@@ -260,3 +260,52 @@ def test_the_barriers_reach_the_report_through_the_learner():
     text = render_markdown({"best": {"accuracy": 0.5, **described}})
     assert "Barriers (layers the channel analysis does not see through" in text
     assert "- `double` (Lambda): Lambda is not known to be channel-transparent" in text
+
+
+def test_a_latency_target_is_planned_on_the_width_curve_with_its_margin(trained, monkeypatch):
+    """--target-latency-speedup: every projected candidate's predicted ratio clears the target by the
+    planning margin, the MAC target still holds, and the search's metrics, the reachable figures and the
+    report carry the prediction. The curve here is a fixed one with 16-channel tiles (the real one is
+    measured per machine: tests/pocketflow/test_width_cost.py)."""
+    from learners.channel_pruning import learner as channel_module
+    from pocketflow import width_cost
+
+    tiles = width_cost.WidthCost((16, 32, 48, 64), (1.0, 2.0, 3.0, 4.0), "16-channel tiles")
+    monkeypatch.setattr(width_cost, "cached", lambda *args, **kwargs: tiles)
+    dataset, model, schedule = trained
+    context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(speedup=1.5, latency_speedup=1.6),
+                             distributed=SingleProcess(), baseline_macs=count_macs(model))
+    learner = ChannelPruningLearner(ChannelConfig(criterion="l1"), context)
+    learner.prepare(model)
+    analysis = learner.analysis(model)
+    assert learner.reachable()["latency_speedup"] > 1.6
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        counts = learner.project({name: float(rng.uniform(0.1, 1.0)) for name in analysis.groups})
+        assert learner.latency_speedup(counts) >= 1.6 * (1 + channel_module.LATENCY_MARGIN) - 1e-9, counts
+        assert analysis.total_macs / analysis.macs_for(counts) >= 1.5
+        predicted = analysis.latency_for({}, tiles) / analysis.latency_for(counts, tiles)
+        assert learner.latency_speedup(counts) == pytest.approx(predicted)
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    assert learner.candidate_metrics(candidate)["latency_speedup"] >= 1.6
+    described = learner.describe(candidate)["latency_prediction"]
+    assert described["width_cost"]["runtime"] == "16-channel tiles" and described["latency_speedup"] >= 1.6
+
+
+def test_a_widening_that_starts_a_tile_is_priced_as_waste(trained, monkeypatch):
+    """With 16-channel tiles, a layer widened from 16 to 20 channels pays for a whole new tile: its
+    added time is several times its added MACs; from 20 to 24 it pays nothing extra on the output."""
+    from pocketflow import width_cost
+
+    tiles = width_cost.WidthCost((16, 32, 48, 64), (1.0, 2.0, 3.0, 4.0), "16-channel tiles")
+    monkeypatch.setattr(width_cost, "cached", lambda *args, **kwargs: tiles)
+    dataset, model, schedule = trained
+    context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(latency_speedup=1.2),
+                             distributed=SingleProcess(), baseline_macs=count_macs(model))
+    learner = ChannelPruningLearner(ChannelConfig(criterion="l1"), context)
+    learner.prepare(model)
+    wide = {name: g.channels for name, g in learner.analysis(model).groups.items() if g.channels >= 32}
+    name = list(wide)[-1]  # the last conv (into pooling and the classifier): its output side is what it costs
+    at = lambda width: {**wide, name: width}  # noqa: E731
+    assert learner._tile_waste(at(16), at(20)) > 2.5
+    assert learner._tile_waste(at(20), at(24)) < 1.5

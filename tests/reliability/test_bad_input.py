@@ -88,6 +88,10 @@ def test_a_config_that_is_not_text_or_not_a_file(tmp_path, capsys):
 FLAG_CASES = {
     # out-of-range targets, bits and sparsities
     "speedup-one": (["--learner", "channel", "--target-speedup", "1"], ["target.speedup = 1.0 is out of range"]),
+    "latency-speedup-one": (["--learner", "channel", "--target-latency-speedup", "0.9"],
+                            ["target.latency_speedup = 0.9 is out of range", "half the baseline's time"]),
+    "latency-target-for-wrong-learner": (["--learner", "uniform", "--target-latency-speedup", "2"],
+                                         ["cannot meet target latency_speedup", "--target-bits"]),
     "compression-below-one": (["--learner", "weight-sparse", "--target-compression", "0.5"],
                               ["target.compression = 0.5 is out of range"]),
     "sparsity-above-one": (["--learner", "weight-sparse", "--target-sparsity", "1.2"],
