@@ -28,6 +28,7 @@ TARGET_KINDS: Dict[str, TargetKind] = {
     "compression": TargetKind("compression", True, "float TFLite bytes of the baseline / shipped bytes"),
     "latency_speedup": TargetKind("latency_speedup", True,
                                   "TFLite latency of the baseline's file / the shipped file's, timed in turn"),
+    "latency_ms": TargetKind("latency_ms", False, "the shipped TFLite file's latency in ms, timed at the end"),
     "sparsity": TargetKind("sparsity", True, "fraction of prunable weights that are zero"),
     "bits": TargetKind("bits", False, "parameter-weighted average weight bits"),
 }

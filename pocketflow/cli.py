@@ -31,6 +31,7 @@ FLAG_KEYS: Dict[str, str] = {
     "target_speedup": "target.speedup",
     "target_compression": "target.compression",
     "target_latency_speedup": "target.latency_speedup",
+    "target_latency_ms": "target.latency_ms",
     "target_sparsity": "target.sparsity",
     "target_bits": "target.bits",
     "trials": "hpo.trials",
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-compression", type=float, help="float TFLite bytes / shipped bytes, e.g. 8")
     target.add_argument("--target-latency-speedup", type=float,
                         help="TFLite latency of the baseline / of the shipped file (batch 1, one thread), e.g. 2")
+    target.add_argument("--target-latency-ms", type=float,
+                        help="the shipped TFLite file's latency on this machine (batch 1, one thread), e.g. 0.8")
     target.add_argument("--target-sparsity", type=float, help="fraction of prunable weights that are zero")
     target.add_argument("--target-bits", type=float, help="parameter-weighted average weight bits")
 

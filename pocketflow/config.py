@@ -86,6 +86,7 @@ class TargetConfig:
     compression: Optional[float] = None  # float TFLite bytes of the baseline / bytes of the shipped file
     # TFLite latency of the baseline's file / the shipped file's (batch 1, one thread, timed in turn)
     latency_speedup: Optional[float] = None
+    latency_ms: Optional[float] = None  # the shipped TFLite file's latency on this machine (batch 1, one thread)
     sparsity: Optional[float] = None  # fraction of prunable weights that are zero
     bits: Optional[float] = None  # parameter-weighted average weight bits
 
@@ -99,6 +100,9 @@ class TargetConfig:
         if self.latency_speedup is not None:
             _check(1.0 < self.latency_speedup <= 1000.0, "target.latency_speedup", self.latency_speedup,
                    "must be > 1 (2 means the shipped TFLite file runs in half the baseline's time)")
+        if self.latency_ms is not None:
+            _check(self.latency_ms > 0, "target.latency_ms", self.latency_ms,
+                   "must be > 0 milliseconds (the shipped file's latency at batch 1 on this machine)")
         if self.sparsity is not None:
             _check(0.0 < self.sparsity < 1.0, "target.sparsity", self.sparsity,
                    "must be in (0, 1), e.g. 0.8 for 80% zeros")

@@ -330,6 +330,7 @@ class Runner:
             dataset=dataset, schedule=schedule, target=config.target, distributed=distributed, seed=config.seed,
             baseline_macs=count_macs(baseline_model),
             baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0,
+            baseline_latency_ms=baseline.tflite["float"].latency_ms if baseline and baseline.tflite else 0.0,
             threads=config.export.threads, latency_runs=config.export.latency_runs,
             finetune_epochs=self._finetune_epochs(schedule))
         learner: Learner = self.learner_class(self.options, context)
@@ -511,6 +512,7 @@ def shipped_values(best: Dict[str, Any]) -> Dict[str, Optional[float]]:
     weights it wrote."""
     return {"speedup": best.get("speedup"), "compression": best.get("compression"),
             "latency_speedup": best.get("latency_speedup"),
+            "latency_ms": (best.get("latency_comparison") or {}).get("shipped_ms", best.get("tflite_latency_ms")),
             "sparsity": best.get("sparsity"), "bits": best.get("average_bits", best.get("bits"))}
 
 

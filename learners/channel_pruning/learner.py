@@ -108,7 +108,7 @@ class ChannelHyperparameters:
 class ChannelPruningLearner(Learner):
     name = "channel"
     Config = ChannelConfig
-    targets = ("speedup", "compression", "latency_speedup")
+    targets = ("speedup", "compression", "latency_speedup", "latency_ms")
     pareto_cost = "macs"  # --objective pareto: accuracy vs MACs (leave the target off for a spread)
     distill_by_default = True
 
@@ -119,6 +119,7 @@ class ChannelPruningLearner(Learner):
         self._baseline_cache = BaselineCache()  # the baseline's sampled statistics, shared by every candidate
         self._baseline_bytes: Optional[int] = None  # the baseline's float TFLite file (size targets)
         self._width_cost: Optional[width_cost.WidthCost] = None  # this machine's width curve (latency targets)
+        self._baseline_latency_ms: Optional[float] = None  # the baseline's float TFLite file (--target-latency-ms)
 
     # ------------------------------------------------------------------ analysis
     def prepare(self, baseline: tf.keras.Model) -> None:
@@ -130,7 +131,13 @@ class ChannelPruningLearner(Learner):
             if not self._baseline_bytes:
                 raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass "
                                   "--export none with this target")
-        if self.context.target.latency_speedup is not None and self._width_cost is None:
+        target = self.context.target
+        if target.latency_ms is not None and self._baseline_latency_ms is None:
+            self._baseline_latency_ms = self.context.distributed.broadcast_object(self.context.baseline_latency_ms)
+            if not self._baseline_latency_ms:
+                raise ConfigError("--target-latency-ms needs the baseline's TFLite latency; do not pass --export none "
+                                  "with this target")
+        if (target.latency_speedup is not None or target.latency_ms is not None) and self._width_cost is None:
             measured = None
             if self.context.distributed.is_chief:  # every rank plans with the chief's curve
                 measured = width_cost.cached(cache_directory(), threads=self.context.threads)
@@ -195,6 +202,8 @@ class ChannelPruningLearner(Learner):
         reached = {"speedup": analysis.total_macs / analysis.macs_for(floor_counts)}
         if self._width_cost is not None:
             reached["latency_speedup"] = self.latency_speedup(floor_counts)
+        if self._baseline_latency_ms:
+            reached["latency_ms"] = self._baseline_latency_ms / self.latency_speedup(floor_counts)
         if self._baseline_bytes:
             reached["compression"] = self._baseline_bytes / self.float_bytes(floor_counts)
         return reached
@@ -205,6 +214,8 @@ class ChannelPruningLearner(Learner):
             metrics["compression"] = self._baseline_bytes / self.float_bytes(candidate.state)
         if self._width_cost is not None and isinstance(candidate.state, dict):
             metrics["latency_speedup"] = self.latency_speedup(candidate.state)
+        if self._baseline_latency_ms and isinstance(candidate.state, dict):
+            metrics["latency_ms"] = self._baseline_latency_ms / self.latency_speedup(candidate.state)
         return metrics
 
     def _ceilings(self) -> List[Tuple[Callable[[Mapping[str, int]], float], float]]:
@@ -219,9 +230,12 @@ class ChannelPruningLearner(Learner):
             budget = self._baseline_bytes / target.compression * (1.0 - SIZE_MARGIN)
             removed = (self._baseline_bytes - budget) / FLOAT_BYTES
             ceilings.append((analysis.weights_for, analysis.weights_for({}) - removed))
-        if target.latency_speedup is not None:
+        ratios = [ratio for ratio in (target.latency_speedup,
+                                      self._baseline_latency_ms / target.latency_ms if target.latency_ms else None)
+                  if ratio is not None]
+        if ratios:  # a time in ms is the ratio the baseline's measured file must be sped up by
             cost = self._width_cost
-            budget = analysis.latency_for({}, cost) / (target.latency_speedup * (1.0 + LATENCY_MARGIN))
+            budget = analysis.latency_for({}, cost) / (max(ratios) * (1.0 + LATENCY_MARGIN))
             ceilings.append((lambda counts: analysis.latency_for(counts, cost), budget))
         return ceilings
 
@@ -302,7 +316,7 @@ class ChannelPruningLearner(Learner):
             else:
                 high = middle
         shape = {name: max(raw_ratios[name], 1e-6) for name in channels}
-        if self.context.target.latency_speedup is not None:
+        if self._width_cost is not None:
             # Time is a step function of width: restart below the bisection's widths and widen only
             # where a channel costs about its MACs' share, so no layer ends a few channels past a tile.
             return self._fill(counts_at(low * LATENCY_RESTART), channels, fits, self.options.channel_multiple, shape,

@@ -309,3 +309,33 @@ def test_a_widening_that_starts_a_tile_is_priced_as_waste(trained, monkeypatch):
     at = lambda width: {**wide, name: width}  # noqa: E731
     assert learner._tile_waste(at(16), at(20)) > 2.5
     assert learner._tile_waste(at(20), at(24)) < 1.5
+
+
+def test_a_time_in_milliseconds_is_the_ratio_the_baseline_file_must_be_sped_up_by(trained, monkeypatch):
+    """--target-latency-ms: with the baseline's file measured at 2.0 ms, 1.25 ms plans like a 1.6x
+    latency target; without a measured baseline (--export none) it is a clear error."""
+    from learners.channel_pruning import learner as channel_module
+    from pocketflow import width_cost
+
+    tiles = width_cost.WidthCost((16, 32, 48, 64), (1.0, 2.0, 3.0, 4.0), "16-channel tiles")
+    monkeypatch.setattr(width_cost, "cached", lambda *args, **kwargs: tiles)
+    dataset, model, schedule = trained
+
+    def prepared(baseline_ms):
+        context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(latency_ms=1.25),
+                                 distributed=SingleProcess(), baseline_macs=count_macs(model),
+                                 baseline_latency_ms=baseline_ms)
+        learner = ChannelPruningLearner(ChannelConfig(criterion="l1"), context)
+        learner.prepare(model)
+        return learner
+
+    learner = prepared(2.0)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        counts = learner.project({name: float(rng.uniform(0.1, 1.0)) for name in learner.analysis(model).groups})
+        assert learner.latency_speedup(counts) >= 1.6 * (1 + channel_module.LATENCY_MARGIN) - 1e-9
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    assert learner.candidate_metrics(candidate)["latency_ms"] <= 1.25
+    assert learner.reachable()["latency_ms"] < 1.25
+    with pytest.raises(ConfigError, match="--target-latency-ms needs the baseline's TFLite latency"):
+        prepared(0.0)

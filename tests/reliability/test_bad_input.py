@@ -90,6 +90,8 @@ FLAG_CASES = {
     "speedup-one": (["--learner", "channel", "--target-speedup", "1"], ["target.speedup = 1.0 is out of range"]),
     "latency-speedup-one": (["--learner", "channel", "--target-latency-speedup", "0.9"],
                             ["target.latency_speedup = 0.9 is out of range", "half the baseline's time"]),
+    "latency-ms-zero": (["--learner", "channel", "--target-latency-ms", "0"],
+                        ["target.latency_ms = 0.0 is out of range", "milliseconds"]),
     "latency-target-for-wrong-learner": (["--learner", "uniform", "--target-latency-speedup", "2"],
                                          ["cannot meet target latency_speedup", "--target-bits"]),
     "compression-below-one": (["--learner", "weight-sparse", "--target-compression", "0.5"],
