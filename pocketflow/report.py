@@ -11,6 +11,18 @@ from pocketflow.export import write_atomic
 from pocketflow.runs import shipped_file  # noqa: F401  (part of this module's API)
 
 
+def _latency_details(best: Dict[str, Any]) -> str:
+    """The two timings behind the latency ratio, and the prediction a latency target planned with."""
+    text = ""
+    comparison, prediction = best.get("latency_comparison"), best.get("latency_prediction")
+    if comparison:
+        text += (f" (baseline {comparison['baseline_ms']:.3f} ms, shipped {comparison['shipped_ms']:.3f} ms, "
+                 f"timed in turn)")
+    if prediction:
+        text += f"; predicted from this machine's width costs: {prediction['latency_speedup']:.2f}x"
+    return text
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN/inf become null, numpy scalars become Python numbers."""
     if isinstance(value, dict):
@@ -99,10 +111,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
             "",
             f"- MAC speedup: **{_number(best.get('speedup'))}x**; measured TFLite latency ratio: "
             f"{_number(best.get('latency_speedup'))}x"
-            + (f" (baseline {best['latency_comparison']['baseline_ms']:.3f} ms, shipped "
-               f"{best['latency_comparison']['shipped_ms']:.3f} ms, timed in turn)" if best.get("latency_comparison") else "")
-            + (f"; predicted from this machine's width costs: {best['latency_prediction']['latency_speedup']:.2f}x"
-               if best.get("latency_prediction") else ""),
+            + _latency_details(best),
             f"- compression (float TFLite bytes of the baseline / bytes of the shipped file): "
             f"**{_number(best.get('compression'))}x** ({best.get('shipped_format', 'float TFLite')})",
             f"- accuracy change: {_number(100 * best['accuracy_delta'] if best.get('accuracy_delta') is not None else None)} points",

@@ -478,11 +478,12 @@ class Runner:
         return best
 
 
-    def _latency_comparison(self, baseline_path: Optional[str], shipped_path: Optional[str]) -> Optional[Dict[str, Any]]:
+    def _latency_comparison(self, baseline_path: Optional[str],
+                            shipped_path: Optional[str]) -> Optional[Dict[str, Any]]:
         """The baseline's file and the shipped one timed in turn, now: the ratio the report gives and
         a latency target is checked on. Their first timings lie minutes apart, under whatever else
         ran then, and were 1.2x apart for one file in one run (docs/channel-recovery.md)."""
-        if not baseline_path or not shipped_path or not Path(baseline_path).is_file() or not Path(shipped_path).is_file():
+        if not (baseline_path and shipped_path and Path(baseline_path).is_file() and Path(shipped_path).is_file()):
             return None
         rounds = LATENCY_COMPARISON_ROUNDS
         timings = compare_latency([baseline_path, shipped_path], rounds=rounds, min_seconds=0.2,

@@ -4,10 +4,11 @@ The optimizer proposes one keep ratio per prunable channel group; the ratios are
 scaled together so the pruned model's MACs land in [target, 1.05 x target] speedup (exact
 MAC arithmetic, no model is built for that). A size target (``--target-compression``: the float
 TFLite file that many times smaller) is a second ceiling, on the weights the file stores, met the
-same way; a latency target (``--target-latency-speedup``) a third, on the time predicted from this
-machine's measured cost of each output width (``pocketflow.width_cost``); the tightest decides. Channels are chosen by LASSO on sampled
-feature maps with least-squares reconstruction of the next layer (He et al. 2017) or by
-filter L1 norm, and the candidate is a new, smaller Keras model.
+same way; a latency target (``--target-latency-speedup``, ``--target-latency-ms``) a third, on the
+time predicted from this machine's measured cost of each output width (``pocketflow.width_cost``);
+the tightest decides. Channels are chosen by LASSO on sampled feature maps with least-squares
+reconstruction of the next layer (He et al. 2017) or by filter L1 norm, and the candidate is a new,
+smaller Keras model.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ SIZE_MARGIN = 0.005  # plan the file 0.5% under its byte budget (the file's fixe
 FLOAT_BYTES = 4  # a float32 weight in the file
 # Plan the predicted latency 5% under its budget, since the shipped file is what is checked: predictions
 # were within 3% of the measured ratio (ResNet-56: 1.385x predicted, 1.39x measured; 1.42x, 1.45x;
-# 2.06x, 2.08x; the digits CNN, whose pooling and classifier weigh more: 1.55x, 1.50x).
+# 2.06x, 2.08x; the digits CNN, whose pooling and classifier weigh more: 1.55x,
+# 1.50x).
 LATENCY_MARGIN = 0.05
 # With a latency target, candidates are widened from LATENCY_RESTART x the widths that fit, skipping
 # widenings that add over TILE_WASTE x their MACs' time: on ResNet-56, 32 -> 36 channels in a
