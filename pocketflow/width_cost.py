@@ -73,15 +73,19 @@ def _probe(width: int):
 
 
 def measure(widths: Sequence[int] = PROBE_WIDTHS, rounds: int = 3, min_seconds: float = 0.2, threads: int = 1,
-            progress: Optional[Callable[[str], None]] = None) -> WidthCost:
-    """Time the probe at every width in the shipping runtime (float, batch 1, ``threads`` threads)."""
+            progress: Optional[Callable[[str], None]] = None, mode: str = "float") -> WidthCost:
+    """Time the probe at every width in the shipping runtime (batch 1, ``threads`` threads), as a
+    ``mode`` file (float; or int8, quantized on random inputs, for a look at the integer kernels)."""
+    import numpy as np
+
     from pocketflow.export import compare_latency, convert, runtime_name, write_atomic
 
+    representative = np.random.default_rng(0).random((16, PROBE_SIZE, PROBE_SIZE, PROBE_INPUTS)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="pocketflow-widths-") as directory:
         paths = []
         for width in widths:
             path = Path(directory) / f"width{width}.tflite"
-            write_atomic(path, convert(_probe(width), "float"))
+            write_atomic(path, convert(_probe(width), mode, representative if mode != "float" else None))
             paths.append(path)
         if progress:
             progress(f"timing {len(paths)} probe widths ({rounds} rounds)")

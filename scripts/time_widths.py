@@ -29,9 +29,11 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=list(width_cost.PROBE_WIDTHS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--mode", choices=["float", "int8"], default="float",
+                        help="int8: the probe quantized (the latency target plans on float files)")
     args = parser.parse_args()
-    cost = width_cost.measure(widths=sorted(args.widths), rounds=args.rounds, threads=args.threads)
-    print(f"runtime: {runtime_name()}, {args.threads} thread(s), batch 1")
+    cost = width_cost.measure(widths=sorted(args.widths), rounds=args.rounds, threads=args.threads, mode=args.mode)
+    print(f"runtime: {runtime_name()}, {args.mode} files, {args.threads} thread(s), batch 1")
     print("| output channels | ms | effective channels |")
     print("|---|---|---|")
     for width, milliseconds in zip(cost.widths, cost.milliseconds):
