@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, 
 
 import tensorflow as tf
 
-from pocketflow.config import TargetConfig, parse_section
+from pocketflow.config import TargetConfig, parse_section, target_flag
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess
 from pocketflow.errors import ConfigError
@@ -130,7 +130,7 @@ class Learner(abc.ABC):
         """Reject targets this learner cannot meet, with the kinds it accepts."""
         unsupported = [kind for kind in target.requested() if kind not in cls.targets]
         if unsupported:
-            accepted = ", ".join(f"--target-{kind}" for kind in cls.targets) or "no target"
+            accepted = ", ".join(target_flag(kind) for kind in cls.targets) or "no target"
             raise ConfigError(f"learner '{cls.name}' cannot meet target {', '.join(unsupported)}; "
                               f"it accepts {accepted}")
 

@@ -44,7 +44,7 @@ import optuna
 import tensorflow as tf
 
 from learners.base import LEARNERS, Candidate, Learner, LearnerContext
-from pocketflow.config import TargetConfig, check_fields, parse_section
+from pocketflow.config import TargetConfig, check_fields, parse_section, target_flag
 from pocketflow.errors import ConfigError
 from pocketflow.export import convert
 from pocketflow.metrics import count_macs, count_params
@@ -222,7 +222,7 @@ class ChainLearner(Learner):
     def check_target(cls, target: TargetConfig) -> None:
         unsupported = [kind for kind in target.requested() if kind not in cls.targets]
         if unsupported:
-            stages = "; ".join(f"{stage.name}: {', '.join(f'--target-{kind}' for kind in stage.targets) or 'none'}"
+            stages = "; ".join(f"{stage.name}: {', '.join(target_flag(kind) for kind in stage.targets) or 'none'}"
                                for stage in cls.stage_classes)
             raise ConfigError(f"learner '{cls.name}' cannot meet target {', '.join(unsupported)}; its stages take "
                               f"{stages}")

@@ -78,6 +78,11 @@ class TrainConfig:
             _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
 
 
+def target_flag(kind: str) -> str:
+    """The command-line flag of a target kind: latency_ms -> --target-latency-ms."""
+    return "--target-" + kind.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class TargetConfig:
     """What the compressed model must reach. Learners say which of these they accept."""

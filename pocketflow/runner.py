@@ -23,7 +23,7 @@ from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from nets import NETS, NetSpec, Schedule
 from pocketflow import __version__
 from pocketflow.baseline import load_baseline, train_baseline
-from pocketflow.config import RunConfig
+from pocketflow.config import RunConfig, target_flag
 from pocketflow.data import DATASETS, load_dataset
 from pocketflow.data.base import Dataset
 from pocketflow.distributed import SingleProcess, make_context
@@ -303,7 +303,7 @@ class Runner:
             if targets and not config.target.requested() and config.hpo.objective != "pareto":
                 log.warning("no target given: the search keeps the most accurate candidate at whatever %s it "
                             "reaches; name one with %s", " / ".join(targets),
-                            " or ".join(f"--target-{kind}" for kind in targets))
+                            " or ".join(target_flag(kind) for kind in targets))
 
         if config.model:
             baseline_model, source = load_baseline(config.model, dataset, config.trust_model), f"file:{config.model}"

@@ -85,7 +85,8 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
      "channel+weight-sparse"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--target-sparsity", "0.5"],
      "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup, "
-     "--target-compression; uniform: --target-bits, --target-compression"),
+     "--target-compression, --target-latency-speedup, --target-latency-ms; uniform: --target-bits, "
+     "--target-compression"),
     (["--learner", "channel+non-uniform", "--target-speedup", "2"],
      "the non-uniform stage of 'channel+non-uniform': learner 'non-uniform' needs a target: pass --target-bits"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--set", "channel+uniform.last_stage_share=2"],

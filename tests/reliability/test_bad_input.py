@@ -93,7 +93,7 @@ FLAG_CASES = {
     "latency-ms-zero": (["--learner", "channel", "--target-latency-ms", "0"],
                         ["target.latency_ms = 0.0 is out of range", "milliseconds"]),
     "latency-target-for-wrong-learner": (["--learner", "uniform", "--target-latency-speedup", "2"],
-                                         ["cannot meet target latency_speedup", "--target-bits"]),
+                                         ["cannot meet target latency_speedup", "it accepts --target-bits"]),
     "compression-below-one": (["--learner", "weight-sparse", "--target-compression", "0.5"],
                               ["target.compression = 0.5 is out of range"]),
     "sparsity-above-one": (["--learner", "weight-sparse", "--target-sparsity", "1.2"],
