@@ -56,6 +56,7 @@ class LearnerContext:
     baseline_macs: int = 0
     baseline_tflite_bytes: int = 0
     baseline_latency_ms: float = 0.0  # the baseline's float TFLite file (chief only; 0: not measured)
+    run_directory: Optional[Path] = None  # where the run writes (a learner may record what it planned with)
     threads: int = 1  # export.threads: interpreter threads of every latency measurement
     latency_runs: int = 50  # export.latency_runs
     finetune_epochs: float = 0.0  # the fine-tuning the chosen candidate will get (a choice may depend on it)

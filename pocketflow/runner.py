@@ -331,6 +331,7 @@ class Runner:
             baseline_macs=count_macs(baseline_model),
             baseline_tflite_bytes=baseline.tflite["float"].bytes if baseline and baseline.tflite else 0,
             baseline_latency_ms=baseline.tflite["float"].latency_ms if baseline and baseline.tflite else 0.0,
+            run_directory=self.output_dir,
             threads=config.export.threads, latency_runs=config.export.latency_runs,
             finetune_epochs=self._finetune_epochs(schedule))
         learner: Learner = self.learner_class(self.options, context)

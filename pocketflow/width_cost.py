@@ -30,6 +30,7 @@ PROBE_SIZE = 16  # the probe's input: PROBE_SIZE x PROBE_SIZE x PROBE_INPUTS
 PROBE_INPUTS = 32
 PROBE_BRANCHES = 8  # convolutions side by side, so per-invocation overhead is small against them
 PROBE_WIDTHS = tuple(range(4, 65, 4))  # the curve repeats past its widest tile (extended by period)
+RUN_FILE = "width_cost.json"  # the curve a run planned with, in its directory
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,42 @@ def machine_key(threads: int = 1) -> str:
 
 def cached(cache_directory: Path, threads: int = 1, progress: Optional[Callable[[str], None]] = None) -> WidthCost:
     """This machine's curve, measured on first use and read from ``cache_directory`` after."""
-    from pocketflow.export import write_atomic
-
     path = Path(cache_directory) / "width_cost" / f"{machine_key(threads)}.json"
-    try:
-        stored = json.loads(path.read_text())
-        return WidthCost(tuple(stored["widths"]), tuple(stored["milliseconds"]), stored.get("runtime", ""))
-    except (OSError, ValueError, KeyError):
-        pass
+    stored = load(path)
+    if stored is not None:
+        return stored
     log.info("measuring what each output width costs in the TFLite runtime on this machine (once; cached in %s)",
              path.parent)
     cost = measure(threads=threads, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(cost.as_dict()).encode())
+    save(cost, path)
     return cost
+
+
+def for_run(run_directory: Optional[Path], cache_directory: Path, threads: int = 1) -> WidthCost:
+    """The curve a run plans with: the one its directory recorded (so ``--resume`` projects every
+    trial as before, whatever the cache holds now), else this machine's, recorded there."""
+    recorded = Path(run_directory) / RUN_FILE if run_directory else None
+    if recorded is not None:
+        stored = load(recorded)
+        if stored is not None:
+            return stored
+    cost = cached(cache_directory, threads=threads)
+    if recorded is not None:
+        save(cost, recorded)
+    return cost
+
+
+def load(path: Path) -> Optional[WidthCost]:
+    """A stored curve, or None where the file is missing or damaged (then it is measured again)."""
+    try:
+        stored = json.loads(Path(path).read_text())
+        return WidthCost(tuple(stored["widths"]), tuple(stored["milliseconds"]), stored.get("runtime", ""))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(cost: WidthCost, path: Path) -> None:
+    from pocketflow.export import write_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), json.dumps(cost.as_dict()).encode())

@@ -142,7 +142,8 @@ class ChannelPruningLearner(Learner):
         if (target.latency_speedup is not None or target.latency_ms is not None) and self._width_cost is None:
             measured = None
             if self.context.distributed.is_chief:  # every rank plans with the chief's curve
-                measured = width_cost.cached(cache_directory(), threads=self.context.threads)
+                measured = width_cost.for_run(self.context.run_directory, cache_directory(),
+                                              threads=self.context.threads)
             self._width_cost = self.context.distributed.broadcast_object(measured)
             log.info("latency target: output widths cost %s (effective channels at widths %s, %s)",
                      [round(self._width_cost(w), 1) for w in self._width_cost.widths], list(self._width_cost.widths),

@@ -156,3 +156,4 @@ def test_a_latency_target_is_met_by_the_shipped_file_timed_against_the_baseline(
     assert_report_matches_files(out)
     cache = os.environ.get("POCKETFLOW_CACHE_DIR")
     assert cache and list((Path(cache) / "width_cost").glob("*.json")), "the curve is cached for the next run"
+    assert (out / "width_cost.json").exists(), "the run records the curve it planned with (for --resume)"

@@ -41,6 +41,24 @@ def test_the_curve_is_measured_once_per_machine_and_read_back(tmp_path, monkeypa
     assert width_cost.cached(tmp_path) == first and len(calls) == 2
 
 
+def test_a_run_plans_with_the_curve_its_directory_recorded(tmp_path, monkeypatch):
+    """--resume must project every trial as the first run did: the run directory's curve wins over the
+    cache, and a new run records the cache's curve there."""
+    recorded = WidthCost((4, 8), (1.0, 2.0), "recorded")
+    width_cost.save(recorded, tmp_path / "run" / width_cost.RUN_FILE)
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("the recorded curve should have been used")
+
+    monkeypatch.setattr(width_cost, "cached", no_cache)
+    assert width_cost.for_run(tmp_path / "run", tmp_path / "cache") == recorded
+    fresh = WidthCost((4, 8), (1.0, 1.5), "this machine")
+    monkeypatch.setattr(width_cost, "cached", lambda *args, **kwargs: fresh)
+    assert width_cost.for_run(tmp_path / "new-run", tmp_path / "cache") == fresh
+    assert width_cost.load(tmp_path / "new-run" / width_cost.RUN_FILE) == fresh
+    assert width_cost.for_run(None, tmp_path / "cache") == fresh  # no run directory: nothing recorded
+
+
 def test_the_linear_curve_gives_the_mac_count():
     inputs = tf.keras.Input((8, 8, 3))
     x = tf.keras.layers.Conv2D(24, 3, padding="same", activation="relu")(inputs)
