@@ -37,6 +37,7 @@ from hpo.storage import (PARAMS_PENDING_ATTRIBUTE, WORKER_ATTRIBUTE, claim_study
 from hpo.targets import describe_shortfall, meets, violations
 from learners.base import Learner
 from learners.distillation import make_distiller, reference_values, searched, suggest
+from pocketflow import interrupts
 from pocketflow.config import RunConfig
 from pocketflow.data.files import one_line
 from pocketflow.distributed import SingleProcess
@@ -225,6 +226,7 @@ class Search:
     def _run_trials(self) -> None:
         """Ask, compress, score, tell, until the study's budget is reached."""
         while True:
+            interrupts.check()  # a Ctrl-C that Python dropped (it can land in a GC callback) still stops here
             trial, decision = self._ask()
             if decision is None:
                 break

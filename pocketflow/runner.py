@@ -21,7 +21,7 @@ import tensorflow as tf
 import learners as learner_registry  # noqa: F401  (registers the learners)
 from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from nets import NETS, NetSpec, Schedule
-from pocketflow import __version__
+from pocketflow import __version__, interrupts
 from pocketflow.baseline import load_baseline, train_baseline
 from pocketflow.config import RunConfig, target_flag
 from pocketflow.data import DATASETS, load_dataset
@@ -249,7 +249,8 @@ class Runner:
         "interrupted"); bad input or a diverging baseline leaves no half-written run behind."""
         self._partial: Dict[str, Any] = {"started": time.time()}
         try:
-            return self._run_loop()
+            with interrupts.recorded():
+                return self._run_loop()
         except KeyboardInterrupt as interrupt:
             try:
                 self._write_interrupted_report(interrupt)
