@@ -415,20 +415,23 @@ class ChannelAnalysis:
 
         Groups not named keep all their channels. No model is built: use it inside a search.
         """
+        self._check_counts(keep_counts)
+        return self._constant_macs + sum(self._term_macs(term, keep_counts) for term in self._mac_terms)
+
+    def _check_counts(self, keep_counts: Mapping[str, int]) -> None:
         for group, count in keep_counts.items():
             if group not in self.groups:
                 raise ValueError(f"unknown channel group '{group}'; prunable groups: {', '.join(self.groups)}")
             if not 1 <= int(count) <= self.groups[group].channels:
                 raise ValueError(f"group '{group}': keep count {count} is outside "
                                  f"[1, {self.groups[group].channels}]")
-        return self._constant_macs + sum(self._term_macs(term, keep_counts) for term in self._mac_terms)
 
     def latency_for(self, keep_counts: Mapping[str, int], width_cost: Callable[[int], float]) -> float:
         """Predicted time with ``keep_counts`` kept, in MACs at the widest probe's speed: each
         convolution's or dense layer's MACs times ``width_cost(out) / out``, where ``width_cost``
         (``pocketflow.width_cost``) gives what ``out`` output channels cost in the shipping runtime.
         Depthwise layers and the layers outside the analysis count their MACs as they are."""
-        self.macs_for(keep_counts)  # validates the counts
+        self._check_counts(keep_counts)
         total = float(self._constant_macs)
         for term in self._mac_terms:
             in_shape, out_shape = self._term_shapes(term, keep_counts)
@@ -444,7 +447,7 @@ class ChannelAnalysis:
         entries plus one bias per output channel (BatchNorm folds into it). A file's size moves with
         this number when channels go (float32: 4 bytes each), which makes size targets exact
         arithmetic like ``macs_for``. A layer called twice counts once."""
-        self.macs_for(keep_counts)  # validates the counts
+        self._check_counts(keep_counts)
         total, seen = 0, set()
         for term in self._mac_terms:
             if id(term.layer) in seen:

@@ -43,8 +43,9 @@ FLOAT_BYTES = 4  # a float32 weight in the file
 # 1.50x).
 LATENCY_MARGIN = 0.05
 # With a latency target, candidates are widened from LATENCY_RESTART x the widths that fit, skipping
-# widenings that add over TILE_WASTE x their MACs' time: on ResNet-56, 32 -> 36 channels in a
-# stage-3 layer adds 4.6x, 16 -> 20 in stage 2 3.4x (a new tile), most others 0.5-1.5x.
+# widenings that add over TILE_WASTE x their MACs' time: one that starts a new register tile pays for
+# the whole tile (with 16-channel tiles, 16 -> 20 channels in a last conv: over 2.5x; 20 -> 24: under
+# 1.5x; tests/learners/test_channel_learner.py).
 LATENCY_RESTART = 0.8
 TILE_WASTE = 2.5
 # channel.criterion = auto picks L1 selection (no re-fit) from this many fine-tuning epochs on, LASSO
