@@ -10,5 +10,6 @@ from learners.nonuniform_quantization import product as product_quant_learner  #
 from learners.chain import register_chains
 
 register_chains()  # channel+uniform, ...: after the learners they are made of
+from learners.weight_sparsification import int8_chain  # noqa: F401,E402  (registers weight-sparse+uniform)
 
 __all__ = ["LEARNERS", "Learner", "LearnerContext", "register_learner"]

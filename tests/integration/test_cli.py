@@ -57,7 +57,8 @@ DRY_RUN_TARGETS = {"channel": ["--target-speedup", "2"], "weight-sparse": ["--ta
                    "product-quant": ["--target-compression", "10"], "full-prec": [],
                    "channel+uniform": ["--target-speedup", "2"],
                    "channel+non-uniform": ["--target-speedup", "2", "--target-compression", "12"],
-                   "channel+weight-sparse": ["--target-speedup", "2", "--target-sparsity", "0.75"]}
+                   "channel+weight-sparse": ["--target-speedup", "2", "--target-sparsity", "0.75"],
+                   "weight-sparse+uniform": ["--target-sparsity", "0.75"]}
 
 
 def test_dry_run_prints_the_plan_and_the_resolved_config_and_writes_nothing(tmp_path, capsys):

@@ -83,6 +83,13 @@ def test_the_recorded_config_and_the_yaml_list_form_repeat_the_chain(chain_run, 
     (["--learner", "uniform+channel"],
      "unknown learner 'uniform+channel'; choose one of: channel, channel+non-uniform, channel+uniform, "
      "channel+weight-sparse"),
+    (["--learner", "weight-sparse+uniform", "--target-sparsity", "0.8", "--set", "uniform.bits=4"],
+     "uniform.bits would be ignored: --learner weight-sparse+uniform reads only the 'weight-sparse' and "
+     "'weight-sparse+uniform' sections"),
+    (["--learner", "weight-sparse+uniform", "--target-sparsity", "0.8", "--set", "weight-sparse+uniform.bits=8"],
+     "learner 'weight-sparse+uniform' has no options of its own; set them in the 'weight-sparse' section"),
+    (["--learner", "weight-sparse+uniform", "--target-bits", "8"],
+     "learner 'weight-sparse+uniform' cannot meet target bits; it accepts --target-sparsity, --target-compression"),
     (["--learner", "channel+uniform", "--target-speedup", "2", "--target-sparsity", "0.5"],
      "learner 'channel+uniform' cannot meet target sparsity; its stages take channel: --target-speedup, "
      "--target-compression, --target-latency-speedup, --target-latency-ms; uniform: --target-bits, "
@@ -364,4 +371,47 @@ def test_channel_then_sparse_int8_values_ships_a_container_that_loads_with_the_m
     assert last["artifact_accuracy"] >= 0.9
     assert "weight-sparse: 0.2 epochs, sparse container (int8) test accuracy" in (
         run_dir / "report.md").read_text()
+    assert_report_matches_files(run_dir)
+
+
+def test_sparse_then_int8_is_weight_sparse_int8_with_each_stage_measured(tmp_path):
+    """weight-sparse+uniform (YAML list form): the weight-sparse learner's own int8 stage (bits 8, full-integer
+    by default), an overall compression met on the shipped file, and both stages' files on record and
+    measured again here: the sparse float model and the shipped int8 container (loaded back in Keras)."""
+    from learners.weight_sparsification.artifact import load_container
+    from pocketflow.export import delegation_of_file
+    from pocketflow.training import accuracy
+
+    config_path = tmp_path / "chain.yaml"
+    config_path.write_text("learner: [weight-sparse, uniform]\ntarget: {compression: 12}\n")
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(config_path), "--trials", "2", "--finetune-epochs", "1", "-q",
+                 "--output-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    best = report["best"]
+    assert report["learner"] == "weight-sparse+uniform" and best["target_check"]["compression"]["met"] is True
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert recorded["weight-sparse"]["bits"] == 8 and recorded["weight-sparse"]["int8_mode"] == "full"
+    first, last = best["stages"]
+    assert (first["learner"], last["learner"]) == ("weight-sparse", "uniform")
+    assert last["artifact_path"] == best["artifact_path"] and last["bits"] == 8
+    assert first["sparsity"] == pytest.approx(best["sparsity"]) and first["finetune_epochs"] == pytest.approx(1.0)
+
+    config = build_run_config(recorded, LEARNERS.names(), "config")
+    dataset = load_dataset(config.data, config.seed)
+    images, labels = dataset.test_arrays()
+    sparse_float = TFLiteModel(first["tflite_path"])
+    assert sparse_float.interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert tflite_accuracy(sparse_float, images, labels) == pytest.approx(first["tflite_accuracy"], abs=1e-9)
+    assert Path(first["tflite_path"]).stat().st_size == first["bytes"] > 2 * best["artifact_bytes"]  # int8 values
+    shipped = Path(best["artifact_path"])
+    assert report["baseline"]["bytes"] / shipped.stat().st_size == pytest.approx(best["compression"])
+    assert best["compression"] >= 12.0
+    if shipped.suffix == ".npz":  # the container (the smaller file on digits)
+        assert accuracy(load_container(shipped), dataset.test(256)) == pytest.approx(last["artifact_accuracy"],
+                                                                                    abs=1e-9)
+    int8_file = TFLiteModel(best["sparse_files"]["tflite"]["path"])
+    assert int8_file.interpreter.get_input_details()[0]["dtype"] == np.int8  # full-integer
+    assert delegation_of_file(int8_file.path).full  # XNNPACK takes the whole file (not so in dynamic-range)
+    assert "Stages of weight-sparse+uniform" in (run_dir / "report.md").read_text()
     assert_report_matches_files(run_dir)
