@@ -272,6 +272,12 @@ add(
     Scenario("resnet20-channel-lowbit-4bit-2x-5ep", "resnet20", "channel+uniform",
              ("--target-speedup", "2.0", "--target-bits", "4"), ("--trials", "10", "--finetune-epochs", "5"),
              minutes=20),
+    # Zeros then int8 values (weight-sparse's own int8 stage): the same search and training as
+    # resnet20-sparse-0.75, so the pair separates what int8 adds.
+    Scenario("digits-sparse-int8-0.8", "digits_cnn", "weight-sparse+uniform", ("--target-sparsity", "0.8"),
+             quick=True, minutes=1),
+    Scenario("resnet20-sparse-int8-0.75", "resnet20", "weight-sparse+uniform", ("--target-sparsity", "0.75"),
+             ("--trials", "4", "--finetune-epochs", "3"), minutes=15),
     Scenario("resnet20-channel-sparse-int8-2x-5ep", "resnet20", "channel+weight-sparse",
              ("--target-speedup", "2.0", "--target-sparsity", "0.75"),
              ("--trials", "10", "--finetune-epochs", "5", "--bits", "8", "--set", "weight-sparse.int8_mode=dynamic"),
