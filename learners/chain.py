@@ -63,7 +63,9 @@ SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the f
 # that can take a pruned model as its baseline, or a first stage whose result is plain Keras.
 # channel+uniform is int8, or mixed low-bit when --target-bits / --target-compression / uniform.bits ask
 # for fewer bits (uniform's own rule); channel+non-uniform ships per-layer codebooks; channel+weight-sparse
-# zeros in the pruned model's kernels (float or, with --bits 8, int8 values).
+# zeros in the pruned model's kernels (float or, with --bits 8, int8 values). Zeros then int8
+# (weight-sparse+uniform) is not built here: it is weight-sparse's own int8 stage, which keeps the zeros
+# (learners/weight_sparsification/int8_chain.py).
 SUPPORTED: Tuple[Tuple[str, str], ...] = (("channel", "uniform"), ("channel", "non-uniform"),
                                           ("channel", "weight-sparse"))
 

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 CONTAINER_FORMAT = "pocketflow-sparse"
 CONTAINER_VERSION = 1
 CONVERTER_MIN_SPARSITY = 0.3  # the converter encodes a tensor sparsely from 30% zeros on
+# format: fast ships the smaller file among those this close to the lowest latency (timing noise)
+FAST_TOLERANCE = 0.05
 DYNAMIC_MIN_ELEMENTS = 1024  # dynamic-range quantization leaves smaller tensors in float
 GAP_LIMIT = 255
 ARRAY_DTYPES = {"values": np.float32, "int8_values": np.int8, "scales": np.float32, "dense": np.float32,
@@ -248,20 +250,31 @@ def container_members(path: Path) -> Dict[str, int]:
 # ---------------------------------------------------------------------------- shipping
 def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset, *, bits: Optional[int],
                        int8_mode: str, quantize: Iterable[str], representative: Optional[np.ndarray],
-                       measure: Callable[..., Any], kinds: Sequence[str] = ("tflite", "container")) -> Dict[str, Any]:
-    """Write the sparse TFLite file and the container, measure each on the test split (the TFLite
-    file in the interpreter, the container loaded back into Keras), and name the smaller of
-    ``kinds`` as the shipped file (report fields for ``best``)."""
+                       measure: Callable[..., Any], kinds: Sequence[str] = ("tflite", "container"),
+                       fastest: bool = False) -> Dict[str, Any]:
+    """Write the sparse TFLite file and the container (and, where ``kinds`` names it, the dense TFLite
+    file of the same weights), measure each on the test split (TFLite files in the interpreter, the
+    container loaded back into Keras), and name the shipped file among ``kinds``: the smaller, or with
+    ``fastest`` the one with the lowest measured latency (the smaller of those within FAST_TOLERANCE).
+    Returns report fields for ``best``."""
     test_images, test_labels = dataset.test_arrays()
     suffix = "" if bits is None else f"_int8_{int8_mode}"
+    values = "float32" if bits is None else f"int8 {int8_mode}"
     files: Dict[str, Dict[str, Any]] = {}
 
-    tflite_path = directory / f"model_sparse{suffix}.tflite"
-    write_atomic(tflite_path, sparse_tflite(model, bits, int8_mode, representative))
-    measured = measure(tflite_path, f"sparse{suffix}", test_images, test_labels)  # LearnerContext.measure_file
-    values = "float32" if bits is None else f"int8 {int8_mode}"
-    files["tflite"] = {"format": f"sparse TFLite ({values})", "path": str(tflite_path), "bytes": measured.bytes,
+    def tflite_file(kind: str, name: str, payload: bytes, description: str) -> None:
+        path = directory / name
+        write_atomic(path, payload)
+        measured = measure(path, name.split(".")[0].replace("model_", ""), test_images, test_labels)
+        files[kind] = {"format": description, "path": str(path), "bytes": measured.bytes,
                        "accuracy": measured.accuracy, "latency_ms": measured.latency_ms}
+
+    # measure: LearnerContext.measure_file, the run's one measurement path
+    tflite_file("tflite", f"model_sparse{suffix}.tflite", sparse_tflite(model, bits, int8_mode, representative),
+                f"sparse TFLite ({values})")
+    if "dense" in kinds:  # the runtime's fast kernels may take a dense file where they refuse the sparse one
+        tflite_file("dense", f"model_dense{suffix}.tflite", convert(model, tflite_mode(bits, int8_mode),
+                                                                    representative), f"dense TFLite ({values})")
 
     container_path = directory / f"model_sparse{suffix}.npz"
     size = write_container(model, container_path, quantize, bits)
@@ -269,11 +282,17 @@ def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset,
                           "path": str(container_path), "bytes": size,
                           "accuracy": accuracy(load_container(container_path), dataset.test(256))}
 
+    if fastest:
+        quickest = min(files[kind]["latency_ms"] for kind in kinds)
+        kinds = [kind for kind in kinds if files[kind]["latency_ms"] <= quickest * (1.0 + FAST_TOLERANCE)]
     shipped_kind = min(kinds, key=lambda kind: files[kind]["bytes"])
     shipped = files[shipped_kind]
-    log.info("shipped: %s, %s bytes, test accuracy %.4f (other: %s)", shipped["format"], f"{shipped['bytes']:,}",
-             shipped["accuracy"], ", ".join(f"{f['format']} {f['bytes']:,} bytes"
-                                            for kind, f in files.items() if kind != shipped_kind))
+    def said(file: Dict[str, Any]) -> str:
+        timed = f", {file['latency_ms']:.3f} ms" if file.get("latency_ms") else ""
+        return f"{file['format']}, {file['bytes']:,} bytes{timed}"
+
+    log.info("shipped: %s, test accuracy %.4f (other: %s)", said(shipped), shipped["accuracy"],
+             "; ".join(said(file) for kind, file in files.items() if kind != shipped_kind))
     return {"shipped_format": shipped["format"], "artifact_bytes": shipped["bytes"], "artifact_path": shipped["path"],
             "artifact_accuracy": shipped["accuracy"], "sparse_files": files}
 

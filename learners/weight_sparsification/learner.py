@@ -55,7 +55,9 @@ class WeightSparseConfig:
     bits: Optional[int] = None  # 8: ship int8 values (sparse TFLite int8 / int8 container); None: float32
     # with bits=8: full-integer (calibrated) or dynamic-range TFLite; full: as accurate, as fast or faster
     int8_mode: Literal["dynamic", "full"] = "full"
-    format: Literal["auto", "tflite", "container"] = "auto"  # what ships; auto: the smaller file
+    # What ships. auto: the smaller of the sparse TFLite file and the container; fast: of the sparse TFLite
+    # file and the dense one (same weights), the one that runs fastest here (measured; the smaller within 5%)
+    format: Literal["auto", "tflite", "container", "fast"] = "auto"
     protect: Literal["none", "first", "last", "both", "search"] = "search"  # end layers kept dense
     max_layer_sparsity: float = 0.98  # no tensor loses more than this fraction
     recovery_epochs: float = 0.25  # training (masks fixed) of every candidate before it is scored
@@ -180,11 +182,15 @@ class WeightSparseLearner(Learner):
         if not self._baseline_bytes:
             raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass "
                               "--export none with this target")
+        if self.options.format == "fast":
+            raise ConfigError("weight-sparse.format = fast ships whichever file runs fastest, so its size is not "
+                              "known while searching; with --target-compression use format auto, tflite or "
+                              "container (or give --target-sparsity)")
         return self._baseline_bytes / ratio
 
     def _kinds(self) -> Tuple[str, ...]:
-        return {"auto": ("tflite", "container"), "tflite": ("tflite",), "container": ("container",)}[
-            self.options.format]
+        return {"auto": ("tflite", "container"), "tflite": ("tflite",), "container": ("container",),
+                "fast": ("tflite", "dense")}[self.options.format]
 
     def _allocation(self, densities: Mapping[str, float], protect: str, zeros: int) -> Dict[str, int]:
         return allocate(self._weights, densities, zeros, pattern=self.options.pattern,
@@ -396,6 +402,7 @@ class WeightSparseLearner(Learner):
         fields = artifact.write_sparse_files(
             model, Path(directory), self.context.dataset, bits=self.options.bits, int8_mode=self.options.int8_mode,
             quantize=self._quantized_names(model), representative=self._representative(), kinds=self._kinds(),
+            fastest=self.options.format == "fast",
             measure=self.context.measure_file)
         fields["masks_path"] = str(masks_path)
         return fields

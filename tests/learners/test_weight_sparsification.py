@@ -369,3 +369,25 @@ def test_default_weight_sparse_job_ships_a_3x_smaller_file_within_2_points(tmp_p
     assert sum(int((~m).sum()) for m in masks.values()) >= 0.8 * best["prunable_weights"]
     check_load_line(best["model_path"], tf.keras.models.load_model(best["model_path"], compile=False))
     assert_report_matches_files(out)
+
+
+def test_format_fast_ships_the_file_that_runs_fastest(trained, tmp_path):
+    """format: fast measures the sparse TFLite file and the dense one of the same weights and ships the
+    quicker (the smaller within 5%): the runtime's fast kernels take some encodings and not others."""
+    from learners.weight_sparsification.artifact import FAST_TOLERANCE
+
+    learner = learner_for(trained, TargetConfig(sparsity=0.8), recovery_epochs=0.0, bits=8, format="fast")
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    report = learner.write_artifacts(learner.finalize(candidate), tmp_path)
+    files = report["sparse_files"]
+    assert set(files) == {"tflite", "dense", "container"}
+    timed = {kind: files[kind]["latency_ms"] for kind in ("tflite", "dense")}
+    shipped = next(kind for kind, file in files.items() if file["path"] == report["artifact_path"])
+    assert shipped in timed and timed[shipped] <= min(timed.values()) * (1 + FAST_TOLERANCE)
+    images, labels = trained[0].test_arrays()
+    dense = TFLiteModel(files["dense"]["path"])
+    assert tflite_accuracy(dense, images, labels) == pytest.approx(files["dense"]["accuracy"], abs=1e-9)
+    assert dense.interpreter.get_input_details()[0]["dtype"] == np.int8  # full-integer, as the sparse file
+
+    with pytest.raises(ConfigError, match="format = fast ships whichever file runs fastest"):
+        learner_for(trained, TargetConfig(compression=5.0), format="fast").reachable()
