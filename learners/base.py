@@ -190,6 +190,12 @@ class Learner(abc.ABC):
         hyperparameters, before any training (a chain sizes its pruning with it); None: unknown."""
         return None
 
+    def expected_file(self) -> Optional[bytes]:
+        """The TFLite file this learner would ship for its prepared baseline, made without training,
+        where it runs at another speed than the float file (a chain times it to split a latency target
+        between its stages); None: it runs as the float file does, or cannot be made before training."""
+        return None
+
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         """Target quantities of a candidate; the default measures MACs and the MAC speedup."""
         macs = count_macs(candidate.model)

@@ -35,7 +35,9 @@ chains.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple
@@ -46,7 +48,7 @@ import tensorflow as tf
 from learners.base import LEARNERS, Candidate, Learner, LearnerContext
 from pocketflow.config import TargetConfig, check_fields, parse_section, target_flag
 from pocketflow.errors import ConfigError
-from pocketflow.export import convert
+from pocketflow.export import compare_latency, convert, write_atomic
 from pocketflow.metrics import count_macs, count_params
 from pocketflow.runs import stage_summary
 from pocketflow.training import accuracy
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 # through two sized files misses a pruned structure's per-channel records (scales, zero points, biases)
 # by up to about 1% (digits int8: 7.999x for 8x at 0.5%).
 SPLIT_MARGIN = 0.02
+# An overall latency target's split times four files (the original's and the reference candidate's,
+# float and last stage) in turn this many rounds, and records the timings in the run directory.
+LATENCY_SPLIT_ROUNDS = 3
+LATENCY_SPLIT_FILE = "latency_split.json"
 SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the fine-tuning epochs)")
 
 # (first stage, last stage): the chains that run end to end and are tested. Others need a last stage
@@ -218,7 +224,12 @@ class ChainLearner(Learner):
         them, since each trial goes through both stages."""
         if self.options.search == "joint":
             return target.requested()
-        return self.stage_targets(target)[0].requested()
+        searched = self.stage_targets(target)[0].requested()
+        if self.latency_split is not None:  # the pruning's candidates meet their share, planned in float
+            searched = {kind: value for kind, value in searched.items() if not kind.startswith("latency")}
+            if self.first.context.target.latency_speedup is not None:
+                searched["latency_speedup"] = self.first.context.target.latency_speedup
+        return searched
 
     @classmethod
     def check_target(cls, target: TargetConfig) -> None:
@@ -244,6 +255,8 @@ class ChainLearner(Learner):
             finetune_epochs=context.finetune_epochs * (1.0 - options.last_stage_share))
         self.first = first_class(options.stages[first_class.name], self._first_context)
         self.split: Optional[Dict[str, Any]] = None  # how an overall compression was split (report.json)
+        self.latency_split: Optional[Dict[str, Any]] = None  # how an overall latency target was split
+        self._reference: Optional[tf.keras.Model] = None
         self._proposing: Optional[Learner] = None  # joint search: the last stage on the original baseline
 
     def prepare(self, baseline: tf.keras.Model) -> None:
@@ -251,17 +264,31 @@ class ChainLearner(Learner):
             return
         super().prepare(baseline)
         self._proposing = None
+        self._reference = None
         self.first.prepare(baseline)
         if self.options.search == "joint" and self._proposer().max_trials() == 1:
             raise ConfigError(f"{self.name}.search = joint needs a last stage with hyperparameters to search; "
                               f"{self._proposer().name} here has one candidate (int8): use {self.name}.search = staged")
+        shares: Dict[str, Optional[float]] = {}
         if self.splits_compression(self.context.target):
-            share = self.pruning_compression(baseline)
-            first_target = dataclasses.replace(self._first_context.target, compression=share)
+            shares["compression"] = self.pruning_compression(baseline)
+        target = self.context.target
+        if (target.latency_speedup is not None or target.latency_ms is not None) and self.options.search != "joint":
+            shares.update(self.pruning_latency(baseline))
+        if shares:
+            first_target = dataclasses.replace(self._first_context.target, **shares)
             first_class = self.stage_classes[0]
             self.first = first_class(self.options.stages[first_class.name],
                                      dataclasses.replace(self._first_context, target=first_target))
             self.first.prepare(baseline)
+
+    def _reference_model(self) -> tf.keras.Model:
+        """The first stage's reference candidate (its uniform ratios under its own targets): the second
+        point, after the original model, of the lines that split an overall target between the stages."""
+        if self._reference is None:
+            self._reference = self.first.compress(self.first.search_space(optuna.trial.FixedTrial(
+                self.first.reference_params()))).model
+        return self._reference
 
     # ------------------------------------------------------------------ an overall size with fixed bits
     def pruning_compression(self, baseline: tf.keras.Model) -> Optional[float]:
@@ -276,12 +303,11 @@ class ChainLearner(Learner):
         if not base_float:
             raise ConfigError("--target-compression needs the baseline's float TFLite size; do not pass --export "
                               "none with this target")
-        reference = self.first.compress(self.first.search_space(optuna.trial.FixedTrial(
-            self.first.reference_params())))
-        ref_float = len(convert(reference.model, "float"))
+        reference = self._reference_model()
+        ref_float = len(convert(reference, "float"))
         sizer = self._last_learner(baseline, 0.0)
         last_name, base_last = sizer.name, sizer.expected_bytes()
-        ref_last = self._last_learner(reference.model, 0.0).expected_bytes()
+        ref_last = self._last_learner(reference, 0.0).expected_bytes()
         if base_last is None or ref_last is None:
             raise ConfigError(f"the {last_name} stage of '{self.name}' cannot size its file before training, "
                               f"so an overall --target-compression cannot be split with --target-bits fixed; give "
@@ -305,6 +331,94 @@ class ChainLearner(Learner):
                  "candidate %.3gx; %s's file of it %.1f KB, of the original %.1f KB)", target.compression,
                  target.bits, share, base_float / ref_float, last_name, ref_last / 1024, base_last / 1024)
         return share if share > 1.0 else None
+
+    # ------------------------------------------------------------------ an overall latency
+    def pruning_latency(self, baseline: tf.keras.Model) -> Dict[str, Optional[float]]:
+        """The first stage's latency targets: the float latency ratio it must plan for so that the last
+        stage's file (int8) meets the overall latency target (None: the last stage alone does). Empty
+        (the targets stay as given) where the last stage's file runs as a float file does (codebooks
+        rebuilt in float) or cannot be made before training: then the pruning plans the whole target
+        on the float curve, conservatively.
+
+        As for a size, two points: the original model's float and last-stage files, and the first
+        stage's reference candidate's, timed in turn; the last stage's time is taken as linear in the
+        float file's between them (an int8 file's time falls more slowly with the channels than a
+        float file's: measured on this project's AVX512/AMX machine, README "Fewer MACs, less time?").
+        The timings are recorded in the run directory, so ``--resume`` plans with the same split."""
+        target = self.context.target
+        recorded = Path(self.context.run_directory) / LATENCY_SPLIT_FILE if self.context.run_directory else None
+        timings = None
+        if self.context.distributed.is_chief:
+            timings = _load_timings(recorded) if recorded is not None else None
+            if timings is None:
+                timings = self._time_stage_files(baseline)
+                if timings is not None and recorded is not None:
+                    write_atomic(recorded, json.dumps(timings).encode())
+        timings = self.context.distributed.broadcast_object(timings)
+        if timings is None:
+            log.info("latency target: the %s stage's file runs as a float file does; the pruning plans the whole "
+                     "target on the float width curve", self.stage_classes[-1].name)
+            return {}
+        base_float, ref_float = timings["original"]["float"], timings["reference"]["float"]
+        base_last, ref_last = timings["original"]["last"], timings["reference"]["last"]
+        ratios = [target.latency_speedup] if target.latency_speedup is not None else []
+        if target.latency_ms is not None:  # a time: the ratio the baseline's measured file must be sped up by
+            base_ms = self.context.distributed.broadcast_object(self.context.baseline_latency_ms)
+            if not base_ms:
+                raise ConfigError("--target-latency-ms needs the baseline's TFLite latency; do not pass --export none "
+                                  "with this target")
+            ratios.append(base_ms / target.latency_ms)
+        ratio = max(ratios)
+        goal = base_float / ratio  # the last stage's file, on the timings' own clock
+        if ref_float < base_float and base_last > ref_last:
+            slope = (base_last - ref_last) / (base_float - ref_float)
+        else:  # the reference prunes nothing, or the last stage's file did not get faster: proportional
+            slope = base_last / base_float
+        fixed = ref_last - slope * ref_float
+        needed = ref_float + (goal - ref_last) / slope
+        last_name = self.stage_classes[-1].name
+        if needed <= 0:
+            raise ConfigError(f"an overall latency speedup of {ratio:.3g}x cannot be met by '{self.name}' here: the "
+                              f"{last_name} stage's file would take {fixed:.3f} ms with no pruning cost left "
+                              f"(the original's float file {base_float:.3f} ms, its {last_name} file "
+                              f"{base_last:.3f} ms); lower the target")
+        share = base_float / needed
+        if share <= 1.0:  # the last stage alone is fast enough
+            others = [kind for kind in self._first_context.target.requested() if not kind.startswith("latency")]
+            if not others:
+                raise ConfigError(f"the {last_name} stage alone makes the file {base_float / base_last:.3g}x faster than "
+                                  f"the original's float file, beyond the {ratio:.3g}x asked: the pruning has nothing "
+                                  f"to do; ask for more, or give the pruning its own target (--target-speedup)")
+        self.latency_split = {"overall_latency_speedup": ratio, "pruning_float_latency_speedup": share,
+                              "timings_ms": timings, "method": "original and reference files timed in turn "
+                              f"(best of {LATENCY_SPLIT_ROUNDS} medians, batch 1); the {last_name} file's time "
+                              "linear in the float file's between them"}
+        log.info("overall latency %.3gx: the pruning plans its float file %.3gx faster (the %s file of the original "
+                 "%.3f ms, of the reference candidate %.3f ms; float %.3f and %.3f ms)", ratio, max(share, 1.0),
+                 last_name, base_last, ref_last, base_float, ref_float)
+        return {"latency_speedup": share if share > 1.0 else None, "latency_ms": None}
+
+    def _time_stage_files(self, baseline: tf.keras.Model) -> Optional[Dict[str, Dict[str, float]]]:
+        """The float and last-stage files of the original model and of the reference candidate, timed
+        in turn (ms); None where the last stage's file runs as a float file does."""
+        original_last = self._last_learner(baseline, 0.0).expected_file()
+        if original_last is None:
+            return None
+        reference = self._reference_model()
+        payloads = {("original", "float"): convert(baseline, "float"), ("original", "last"): original_last,
+                    ("reference", "float"): convert(reference, "float"),
+                    ("reference", "last"): self._last_learner(reference, 0.0).expected_file()}
+        with tempfile.TemporaryDirectory(prefix="latency-split-") as directory:
+            paths = {}
+            for (model, kind), payload in payloads.items():
+                paths[(model, kind)] = Path(directory) / f"{model}_{kind}.tflite"
+                paths[(model, kind)].write_bytes(payload)
+            timed = compare_latency(list(paths.values()), rounds=LATENCY_SPLIT_ROUNDS, min_seconds=0.2,
+                                    threads=self.context.threads)
+        timings: Dict[str, Dict[str, float]] = {"original": {}, "reference": {}}
+        for (model, kind), path in paths.items():
+            timings[model][kind] = timed[str(path)]
+        return timings
 
     def reachable(self) -> Dict[str, float]:
         return self.first.reachable()
@@ -436,6 +550,8 @@ class ChainLearner(Learner):
         facts = {**last_facts, "stages": state.records, "report_sections": sections}
         if self.split is not None:
             facts["compression_split"] = self.split
+        if self.latency_split is not None:
+            facts["latency_split"] = self.latency_split
         return facts
 
     def write_artifacts(self, candidate: Candidate, directory: Path) -> Dict[str, Any]:
@@ -463,6 +579,11 @@ class ChainLearner(Learner):
             lines.append(f"The overall {self.split['overall_compression']:g}x at {self.split['bits']:g} bits was split: "
                          f"the pruning searched under a float file {self.split['pruning_float_compression']:.3g}x "
                          f"smaller than the original's (sized before training: see compression_split in report.json).")
+        if self.latency_split is not None:
+            lines.append(f"The overall {self.latency_split['overall_latency_speedup']:.3g}x in latency was split: the "
+                         f"pruning planned its float file "
+                         f"{self.latency_split['pruning_float_latency_speedup']:.3g}x faster than the original's "
+                         f"(files timed before training: see latency_split in report.json).")
         sections = [{"title": f"Stages of {self.name}", "lines": lines}]
         return {**fields, "stages": state.records,
                 "report_sections": self.describe(candidate)["report_sections"] + sections}
@@ -493,3 +614,13 @@ def register_chains() -> None:
     for first, last in SUPPORTED:
         cls = chain_class(first, last)
         LEARNERS.add(cls.name, cls)
+
+
+def _load_timings(path: Path) -> Optional[Dict[str, Dict[str, float]]]:
+    """A run's recorded latency split timings, or None where missing or damaged (then timed again)."""
+    try:
+        timings = json.loads(Path(path).read_text())
+        return {model: {kind: float(timings[model][kind]) for kind in ("float", "last")}
+                for model in ("original", "reference")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -110,6 +110,10 @@ class UniformQuantizationLearner(Learner):
             sizes.append(len(convert(qat_model, "int8", representative)))
         return max(sizes)
 
+    def expected_file(self) -> Optional[bytes]:
+        """The baseline's post-training int8 file (a QAT file has the same operators, so the same speed)."""
+        return convert(self.baseline, "int8", self._representative()[:8])
+
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         return {"bits": INT8_BITS, **self._estimated_compression(self.baseline),
                 "params": float(count_params(self.baseline))}

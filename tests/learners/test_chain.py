@@ -13,6 +13,7 @@ from learners import LEARNERS
 from pocketflow.cli import main
 from pocketflow.config import build_run_config
 from pocketflow.data import load_dataset
+from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteModel, tflite_accuracy
 from pocketflow.metrics import count_macs
 from tests.verify_run import assert_report_matches_files
@@ -263,7 +264,6 @@ def test_a_joint_search_needs_a_last_stage_with_something_to_search():
     from nets.digits_cnn import build_digits_cnn
     from pocketflow.config import DataConfig, TargetConfig
     from pocketflow.distributed import SingleProcess
-    from pocketflow.errors import ConfigError
     from pocketflow.training import TrainSchedule
 
     dataset = load_dataset(DataConfig(name="digits"), seed=0)
@@ -415,3 +415,77 @@ def test_sparse_then_int8_is_weight_sparse_int8_with_each_stage_measured(tmp_pat
     assert delegation_of_file(int8_file.path).full  # XNNPACK takes the whole file (not so in dynamic-range)
     assert "Stages of weight-sparse+uniform" in (run_dir / "report.md").read_text()
     assert_report_matches_files(run_dir)
+
+
+def _latency_split_chain(tmp_path, name, target, timings=None):
+    """A chain prepared on an untrained digits CNN, with the latency split's timings recorded in its run
+    directory beforehand (as --resume finds them), so the planning is exact arithmetic on any CPU."""
+    from learners.base import LearnerContext
+    from nets.digits_cnn import build_digits_cnn
+    from pocketflow.config import DataConfig
+    from pocketflow.distributed import SingleProcess
+    from pocketflow.training import TrainSchedule
+
+    dataset = load_dataset(DataConfig(name="digits"), seed=0)
+    if timings is not None:
+        (tmp_path / "latency_split.json").write_text(json.dumps(timings))
+    chain = LEARNERS.get(name)
+    context = LearnerContext(dataset=dataset, schedule=TrainSchedule(1, 32, 0.01, "cosine", "sgd", 5e-4, False),
+                             target=target, distributed=SingleProcess(), run_directory=tmp_path,
+                             baseline_latency_ms=1.0)
+    stages = {"channel": {"recalibrate_batches": 2, "sample_images": 64, "min_channels": 1, "channel_multiple": 1},
+              "uniform": {"representative_samples": 16, "compare_dynamic": False}}
+    learner = chain(chain.parse_options({"stages": {key: value for key, value in stages.items()
+                                                    if key in chain.sections}}, "the test"), context)
+    learner.prepare(build_digits_cnn(dataset.input_shape, dataset.num_classes, width=8))
+    return learner
+
+
+# The original model's float file 1.0 ms and int8 file 0.5 ms; the reference candidate's 0.4 and 0.3 ms.
+TIMINGS = {"original": {"float": 1.0, "last": 0.5}, "reference": {"float": 0.4, "last": 0.3}}
+
+
+def test_an_overall_latency_target_is_split_by_the_stages_files_timed_before_training(tmp_path):
+    """channel+uniform with --target-latency-speedup: the int8 file's time is taken as linear in the float
+    file's between the original's and the reference candidate's timed files, and the pruning plans the
+    float ratio that puts the int8 file on the target; the search checks that share."""
+    from pocketflow.config import TargetConfig
+
+    target = TargetConfig(speedup=1.5, latency_speedup=2.5)
+    learner = _latency_split_chain(tmp_path, "channel+uniform", target, TIMINGS)
+    # int8 goal 1.0 / 2.5 = 0.4 ms; slope (0.5 - 0.3) / (1.0 - 0.4) = 1/3; float needed 0.4 + 0.1 * 3 = 0.7 ms
+    assert learner.first.context.target.latency_speedup == pytest.approx(1 / 0.7)
+    assert learner.searched_targets(target) == pytest.approx({"speedup": 1.5, "latency_speedup": 1 / 0.7})
+    assert learner.latency_split["timings_ms"] == TIMINGS  # the recorded timings, not new ones
+    assert learner.latency_split["pruning_float_latency_speedup"] == pytest.approx(1 / 0.7)
+
+    # --target-latency-ms is the same ratio of the baseline's measured file (1.0 ms in this context)
+    learner = _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_ms=0.4), TIMINGS)
+    assert learner.first.context.target.latency_speedup == pytest.approx(1 / 0.7)
+    assert learner.first.context.target.latency_ms is None
+
+
+def test_a_latency_split_the_last_stage_meets_alone_or_no_pruning_can_reach(tmp_path):
+    from pocketflow.config import TargetConfig
+
+    # 1.5x: int8 alone gives 2x; with a MAC target the pruning keeps only that one
+    learner = _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_speedup=1.5),
+                                   TIMINGS)
+    assert learner.first.context.target.latency_speedup is None
+    assert learner.searched_targets(TargetConfig(speedup=1.5, latency_speedup=1.5)) == {"speedup": 1.5}
+    with pytest.raises(ConfigError, match="the uniform stage alone makes the file 2x faster than the original's"):
+        _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(latency_speedup=1.5), TIMINGS)
+    # 10x: the int8 file's time left at zero pruning cost (0.3 - 0.4 / 3 = 0.167 ms) is over the 0.1 ms goal
+    with pytest.raises(ConfigError, match=r"an overall latency speedup of 10x cannot be met by 'channel\+uniform'"):
+        _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_speedup=10.0), TIMINGS)
+
+
+def test_a_last_stage_whose_file_runs_as_float_leaves_the_latency_target_to_the_pruning(tmp_path):
+    """channel+non-uniform ships codebooks rebuilt as a float file: nothing to time, the pruning plans it all."""
+    from pocketflow.config import TargetConfig
+
+    target = TargetConfig(speedup=1.5, latency_speedup=1.3, bits=4)
+    learner = _latency_split_chain(tmp_path, "channel+non-uniform", target)
+    assert learner.latency_split is None and not (tmp_path / "latency_split.json").exists()
+    assert learner.first.context.target.latency_speedup == 1.3
+    assert learner.searched_targets(target) == {"speedup": 1.5, "latency_speedup": 1.3}
