@@ -63,6 +63,11 @@ SPLIT_MARGIN = 0.02
 # float and last stage) in turn this many rounds, and records the timings in the run directory.
 LATENCY_SPLIT_ROUNDS = 3
 LATENCY_SPLIT_FILE = "latency_split.json"
+# ... and plans the last stage's file this far under the target's time: the pruning's own planning margin is
+# on its float file, which moves the int8 file's time little (ResNet-56 here: predicted 2.458x, shipped 2.436x).
+# Where the int8 time is that flat in the float time, every point of margin costs a lot of pruning (3% took
+# ResNet-56 from 2.9x to 7.0x fewer MACs for 2.45x), so it is kept to the prediction's error.
+LATENCY_SPLIT_MARGIN = 0.015
 SHARE = (lambda value: 0.0 <= value <= 1.0, "must be in [0, 1] (a share of the fine-tuning epochs)")
 
 # (first stage, last stage): the chains that run end to end and are tested. Others need a last stage
@@ -225,10 +230,9 @@ class ChainLearner(Learner):
         if self.options.search == "joint":
             return target.requested()
         searched = self.stage_targets(target)[0].requested()
-        if self.latency_split is not None:  # the pruning's candidates meet their share, planned in float
+        if self.latency_split is not None and self.first.context.target.latency_speedup is None:
+            # the last stage alone meets the latency: the pruning plans none, and nothing predicts it per trial
             searched = {kind: value for kind, value in searched.items() if not kind.startswith("latency")}
-            if self.first.context.target.latency_speedup is not None:
-                searched["latency_speedup"] = self.first.context.target.latency_speedup
         return searched
 
     @classmethod
@@ -369,19 +373,18 @@ class ChainLearner(Learner):
                                   "with this target")
             ratios.append(base_ms / target.latency_ms)
         ratio = max(ratios)
-        goal = base_float / ratio  # the last stage's file, on the timings' own clock
+        goal = base_float / (ratio * (1.0 + LATENCY_SPLIT_MARGIN))  # the last stage's file, on the timings' clock
         if ref_float < base_float and base_last > ref_last:
             slope = (base_last - ref_last) / (base_float - ref_float)
         else:  # the reference prunes nothing, or the last stage's file did not get faster: proportional
             slope = base_last / base_float
-        fixed = ref_last - slope * ref_float
         needed = ref_float + (goal - ref_last) / slope
         last_name = self.stage_classes[-1].name
         if needed <= 0:
             raise ConfigError(f"an overall latency speedup of {ratio:.3g}x cannot be met by '{self.name}' here: the "
-                              f"{last_name} stage's file would take {fixed:.3f} ms with no pruning cost left "
-                              f"(the original's float file {base_float:.3f} ms, its {last_name} file "
-                              f"{base_last:.3f} ms); lower the target")
+                              f"{last_name} file's time falls too little with pruning on this machine (original "
+                              f"{base_last:.3f} ms, the pruning's reference candidate {ref_last:.3f} ms, while the "
+                              f"float file went from {base_float:.3f} to {ref_float:.3f} ms); lower the target")
         share = base_float / needed
         if share <= 1.0:  # the last stage alone is fast enough
             others = [kind for kind in self._first_context.target.requested() if not kind.startswith("latency")]
@@ -390,7 +393,7 @@ class ChainLearner(Learner):
                                   f"the original's float file, beyond the {ratio:.3g}x asked: the pruning has nothing "
                                   f"to do; ask for more, or give the pruning its own target (--target-speedup)")
         self.latency_split = {"overall_latency_speedup": ratio, "pruning_float_latency_speedup": share,
-                              "timings_ms": timings, "method": "original and reference files timed in turn "
+                              "timings_ms": timings, "slope": slope, "method": "original and reference files timed in turn "
                               f"(best of {LATENCY_SPLIT_ROUNDS} medians, batch 1); the {last_name} file's time "
                               "linear in the float file's between them"}
         log.info("overall latency %.3gx: the pruning plans its float file %.3gx faster (the %s file of the original "
@@ -420,10 +423,34 @@ class ChainLearner(Learner):
             timings[model][kind] = timed[str(path)]
         return timings
 
+    def _overall_latency(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """The first stage's predicted float latency figures as the last stage's file's (the split's line),
+        so trials, their check and the reachable limit speak of the file that ships."""
+        split = self.latency_split
+        if split is None or "latency_speedup" not in metrics:
+            return metrics
+        timings, slope = split["timings_ms"], split["slope"]
+        base_float, ref_float = timings["original"]["float"], timings["reference"]["float"]
+        last = timings["reference"]["last"] + slope * (base_float / metrics["latency_speedup"] - ref_float)
+        overall = base_float / last if last > 0 else float("inf")
+        metrics = dict(metrics)
+        if "latency_ms" in metrics:  # the first stage's: the baseline's measured file over its float ratio
+            metrics["latency_ms"] *= metrics["latency_speedup"] / overall
+        metrics["latency_speedup"] = overall
+        return metrics
+
     def reachable(self) -> Dict[str, float]:
-        return self.first.reachable()
+        return self._overall_latency(self.first.reachable())
 
     def unreachable_hint(self) -> str:
+        split = self.latency_split
+        if split is not None:
+            timings, last = split["timings_ms"], self.stage_classes[-1].name
+            return (f"the {last} file alone runs {timings['original']['float'] / timings['original']['last']:.2f}x "
+                    f"faster than the original's float file, and pruning to the reference candidate (float file "
+                    f"{timings['original']['float'] / timings['reference']['float']:.2f}x faster) made it only "
+                    f"{timings['original']['last'] / timings['reference']['last']:.2f}x faster again on this machine "
+                    f"(latency_split in report.json)")
         return self.first.unreachable_hint()
 
     def search_space(self, trial: Any) -> Any:
@@ -461,7 +488,7 @@ class ChainLearner(Learner):
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         state = candidate.state
         first = state.first if isinstance(state, (ChainState, JointTrial)) else candidate
-        metrics = self.first.candidate_metrics(first)
+        metrics = self._overall_latency(self.first.candidate_metrics(first))
         metrics.pop("compression", None)  # the pruning's own file: not the overall figure the target names
         if isinstance(state, JointTrial):  # the last stage's figures (its compression is overall)
             last = state.last_learner.candidate_metrics(state.last)

@@ -453,15 +453,23 @@ def test_an_overall_latency_target_is_split_by_the_stages_files_timed_before_tra
 
     target = TargetConfig(speedup=1.5, latency_speedup=2.5)
     learner = _latency_split_chain(tmp_path, "channel+uniform", target, TIMINGS)
-    # int8 goal 1.0 / 2.5 = 0.4 ms; slope (0.5 - 0.3) / (1.0 - 0.4) = 1/3; float needed 0.4 + 0.1 * 3 = 0.7 ms
-    assert learner.first.context.target.latency_speedup == pytest.approx(1 / 0.7)
-    assert learner.searched_targets(target) == pytest.approx({"speedup": 1.5, "latency_speedup": 1 / 0.7})
+    # int8 goal 1.0 / 2.5 = 0.4 ms less the 1.5% margin; slope (0.5 - 0.3) / (1.0 - 0.4) = 1/3; float needed
+    # 0.4 + (0.4 / 1.015 - 0.3) * 3 = 0.682 ms
+    planned = 1 / (0.4 + (0.4 / 1.015 - 0.3) * 3)
+    assert learner.first.context.target.latency_speedup == pytest.approx(planned)
+    assert learner.searched_targets(target) == {"speedup": 1.5, "latency_speedup": 2.5}  # checked as the int8 file's
     assert learner.latency_split["timings_ms"] == TIMINGS  # the recorded timings, not new ones
-    assert learner.latency_split["pruning_float_latency_speedup"] == pytest.approx(1 / 0.7)
+    assert learner.latency_split["pruning_float_latency_speedup"] == pytest.approx(planned)
+    # a trial's predicted float ratio is reported as the int8 file's: float 0.7 ms -> int8 0.4 ms -> 2.5x
+    assert learner._overall_latency({"latency_speedup": 1 / 0.7})["latency_speedup"] == pytest.approx(2.5)
+    assert learner._overall_latency({"latency_speedup": 2.5})["latency_speedup"] == pytest.approx(1 / (0.3 + 0.0))
+    reached = learner.reachable()
+    assert reached["latency_speedup"] == pytest.approx(
+        learner._overall_latency({"latency_speedup": learner.first.reachable()["latency_speedup"]})["latency_speedup"])
 
     # --target-latency-ms is the same ratio of the baseline's measured file (1.0 ms in this context)
     learner = _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_ms=0.4), TIMINGS)
-    assert learner.first.context.target.latency_speedup == pytest.approx(1 / 0.7)
+    assert learner.first.context.target.latency_speedup == pytest.approx(planned)
     assert learner.first.context.target.latency_ms is None
 
 
@@ -476,7 +484,8 @@ def test_a_latency_split_the_last_stage_meets_alone_or_no_pruning_can_reach(tmp_
     with pytest.raises(ConfigError, match="the uniform stage alone makes the file 2x faster than the original's"):
         _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(latency_speedup=1.5), TIMINGS)
     # 10x: the int8 file's time left at zero pruning cost (0.3 - 0.4 / 3 = 0.167 ms) is over the 0.1 ms goal
-    with pytest.raises(ConfigError, match=r"an overall latency speedup of 10x cannot be met by 'channel\+uniform'"):
+    with pytest.raises(ConfigError, match=r"an overall latency speedup of 10x cannot be met by 'channel\+uniform' "
+                       r"here: the uniform file's time falls too little"):
         _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_speedup=10.0), TIMINGS)
 
 
