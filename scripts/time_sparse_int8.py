@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--model", help="overrides the recipe's model")
     parser.add_argument("--data-dir", help="overrides the recipe's data.dir")
     parser.add_argument("--sparsity", type=float, default=0.6)
+    parser.add_argument("--protect", choices=["none", "first", "last", "both"], default="none",
+                        help="keep the first convolution and/or the last dense layer dense (weight-sparse.protect)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", help="directory for the files (default: a temporary one)")
     args = parser.parse_args()
@@ -57,8 +59,10 @@ def main() -> None:
     config = build_run_config(raw, LEARNERS.names(), args.config)
     dataset = load_dataset(config.data, config.seed)
     model = load_user_model(raw["model"])
-    for layer in model.layers:
-        if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense)):
+    prunable = [layer for layer in model.layers if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))]
+    kept = {"none": [], "first": prunable[:1], "last": prunable[-1:], "both": prunable[:1] + prunable[-1:]}
+    for layer in prunable:
+        if layer not in kept[args.protect]:
             weights = layer.get_weights()
             kernel = weights[0]
             kernel[np.abs(kernel) < np.quantile(np.abs(kernel), args.sparsity)] = 0.0
@@ -80,7 +84,8 @@ def main() -> None:
         paths[name] = directory / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".tflite")
         paths[name].write_bytes(payload)
     timings = compare_latency(list(paths.values()), rounds=args.rounds, min_seconds=0.5, threads=1)
-    print(f"runtime: {runtime_name()}; {args.sparsity:.0%} zeros per kernel; batch 1, one thread, files in turn")
+    print(f"runtime: {runtime_name()}; {args.sparsity:.0%} zeros per kernel (kept dense: {args.protect}); batch 1, "
+          f"one thread, files in turn")
     print("| file | bytes | test accuracy | ms | delegation |")
     print("|---|---|---|---|---|")
     for name, path in paths.items():
