@@ -138,6 +138,9 @@ class WeightSparseLearner(Learner):
                 raise ConfigError("the model has no prunable weights (Conv/Dense kernels); weight-sparse has "
                                   "nothing to do")
             self._sizes = SizeModel(self._weights, self.options.bits, self.options.int8_mode)
+            if self._classifier_kept_dense():
+                log.info("weight-sparse: %s stays dense (XNNPACK refuses a full-integer file whose fully-connected "
+                         "weights are sparse)", self._weights[-1].key)
             # One clone per run: candidates reuse it (baseline weights, new masks), so Keras does
             # not rebuild the graph and retrace its predict function for every trial.
             self._work = tf.keras.models.clone_model(baseline)
@@ -157,7 +160,16 @@ class WeightSparseLearner(Learner):
     def _protected(self, protect: str) -> Tuple[str, ...]:
         keys = [w.key for w in self._weights]
         chosen = {"none": [], "first": keys[:1], "last": keys[-1:], "both": keys[:1] + keys[-1:]}[protect]
+        if self._classifier_kept_dense():
+            chosen = chosen + keys[-1:]
         return tuple(dict.fromkeys(chosen))
+
+    def _classifier_kept_dense(self) -> bool:
+        """A full-integer int8 file whose last fully-connected layer has sparse weights is refused whole by
+        XNNPACK (LiteRT 2.3), which leaves every op on the reference kernels: about 3x slower on ResNet-20
+        (docs/learners.md, "Which sparse files run fast"). The classifier is small, so it stays dense."""
+        return (self.options.bits == 8 and self.options.int8_mode == "full" and bool(self._weights)
+                and len(self._weights[-1].shape) == 2)
 
     def _bounds(self, protect: str) -> Tuple[int, int]:
         """(fewest, most) total zeros reachable with this protection."""

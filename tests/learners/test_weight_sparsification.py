@@ -391,3 +391,22 @@ def test_format_fast_ships_the_file_that_runs_fastest(trained, tmp_path):
 
     with pytest.raises(ConfigError, match="format = fast ships whichever file runs fastest"):
         learner_for(trained, TargetConfig(compression=5.0), format="fast").reachable()
+
+
+@pytest.mark.parametrize("int8_mode, kept", [("full", True), ("dynamic", False)])
+def test_a_full_integer_file_keeps_the_classifier_dense_so_the_runtime_takes_it_whole(trained, tmp_path, int8_mode,
+                                                                                       kept):
+    """XNNPACK refuses a full-integer file whose fully-connected weights are sparse (every op then runs on the
+    reference kernels); the classifier stays dense there, whatever the protection, and the file is delegated."""
+    from pocketflow.export import delegation_of_file
+
+    learner = learner_for(trained, TargetConfig(sparsity=0.8), recovery_epochs=0.0, bits=8, int8_mode=int8_mode,
+                          protect="none", format="tflite")
+    classifier = learner._weights[-1]
+    assert len(classifier.shape) == 2 and (classifier.key in learner._protected("none")) == kept
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    assert learner.candidate_metrics(candidate)["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert (learner.describe(candidate)["layer_sparsity"][classifier.key] == 0.0) == kept
+    if kept:
+        report = learner.write_artifacts(learner.finalize(candidate), tmp_path)
+        assert delegation_of_file(report["artifact_path"]).full
