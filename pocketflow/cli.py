@@ -252,11 +252,9 @@ class _ConsoleFormatter(logging.Formatter):
 def _on_console(record: logging.LogRecord) -> bool:
     """What the console shows of the log; run.log keeps everything.
 
-    Not shown: records marked ``console=False`` (routine trial lines), and TensorFlow's retracing
-    warning: every trial builds a new candidate model, whose predict function is traced once by
-    design, so the warning says nothing a user can act on.
+    Not shown: records marked ``console=False`` (routine trial lines).
     """
-    return getattr(record, "console", True) and "triggered tf.function retracing" not in record.getMessage()
+    return getattr(record, "console", True)
 
 
 def _configure_logging(quiet: bool) -> None:
