@@ -493,6 +493,7 @@ class Runner:
                                   threads=self.config.export.threads)
         base_ms, shipped_ms = timings[str(baseline_path)], timings[str(shipped_path)]
         return {"baseline_ms": base_ms, "shipped_ms": shipped_ms, "ratio": base_ms / shipped_ms,
+                "shipped_file": os.path.relpath(shipped_path, self.output_dir),
                 "method": f"best of {rounds} medians, the two files timed in turn, batch 1, "
                           f"{self.config.export.threads} thread(s)"}
 

@@ -46,6 +46,8 @@ def assert_report_matches_files(run_dir: Path) -> dict:
     assert Path(baseline["tflite_path"]).stat().st_size == baseline["bytes"]
     assert best["compression"] == pytest.approx(baseline["bytes"] / shipped_bytes)
     if shipped.suffix == ".tflite":
+        if comparison:  # the latency ratio is the shipped file's, not another export's
+            assert (run_dir / comparison["shipped_file"]).resolve() == shipped.resolve()
         shipped_accuracy = best.get("artifact_accuracy", best.get("tflite_accuracy"))
         assert tflite_accuracy(TFLiteModel(shipped), images, labels) == pytest.approx(shipped_accuracy, abs=1e-9)
     # Every TFLite file the result names has its delegation measured from the file itself.

@@ -293,8 +293,12 @@ def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset,
 
     log.info("shipped: %s, test accuracy %.4f (other: %s)", said(shipped), shipped["accuracy"],
              "; ".join(said(file) for kind, file in files.items() if kind != shipped_kind))
-    return {"shipped_format": shipped["format"], "artifact_bytes": shipped["bytes"], "artifact_path": shipped["path"],
-            "artifact_accuracy": shipped["accuracy"], "sparse_files": files}
+    fields = {"shipped_format": shipped["format"], "artifact_bytes": shipped["bytes"], "artifact_path": shipped["path"],
+              "artifact_accuracy": shipped["accuracy"], "sparse_files": files}
+    if shipped.get("latency_ms"):  # a TFLite file ships: it is the run's TFLite result (timed against the baseline)
+        fields.update(tflite_path=shipped["path"], tflite_accuracy=shipped["accuracy"],
+                      tflite_latency_ms=shipped["latency_ms"])
+    return fields
 
 
 # ---------------------------------------------------------------------------- size model

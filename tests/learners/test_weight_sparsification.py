@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -384,6 +385,8 @@ def test_format_fast_ships_the_file_that_runs_fastest(trained, tmp_path):
     timed = {kind: files[kind]["latency_ms"] for kind in ("tflite", "dense")}
     shipped = next(kind for kind, file in files.items() if file["path"] == report["artifact_path"])
     assert shipped in timed and timed[shipped] <= min(timed.values()) * (1 + FAST_TOLERANCE)
+    # the shipped TFLite file is the run's TFLite result: the one timed against the baseline's
+    assert report["tflite_path"] == report["artifact_path"] and report["tflite_latency_ms"] == timed[shipped]
     images, labels = trained[0].test_arrays()
     dense = TFLiteModel(files["dense"]["path"])
     assert tflite_accuracy(dense, images, labels) == pytest.approx(files["dense"]["accuracy"], abs=1e-9)
@@ -410,3 +413,21 @@ def test_a_full_integer_file_keeps_the_classifier_dense_so_the_runtime_takes_it_
     if kept:
         report = learner.write_artifacts(learner.finalize(candidate), tmp_path)
         assert delegation_of_file(report["artifact_path"]).full
+
+
+@pytest.mark.integration
+def test_a_shipped_sparse_tflite_file_is_the_one_timed_against_the_baseline(tmp_path):
+    """When a TFLite file ships (format fast here), the report's latency ratio and TFLite figures are that
+    file's, timed in turn with the baseline's, not the float export's."""
+    from pocketflow.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--learner", "weight-sparse", "--target-sparsity", "0.8", "--bits", "8", "--set",
+                 "weight-sparse.format=fast", "--trials", "2", "--finetune-epochs", "1", "-q",
+                 "--output-dir", str(out)]) == 0
+    best = json.loads((out / "report.json").read_text())["best"]
+    assert best["artifact_path"].endswith(".tflite") and best["tflite_path"] == best["artifact_path"]
+    shipped = next(file for file in best["sparse_files"].values() if file["path"] == best["artifact_path"])
+    assert best["tflite_latency_ms"] == shipped["latency_ms"] and best["tflite_accuracy"] == shipped["accuracy"]
+    assert (out / best["latency_comparison"]["shipped_file"]).resolve() == Path(best["artifact_path"]).resolve()
+    assert_report_matches_files(out)
