@@ -399,6 +399,12 @@ class ChainLearner(Learner):
         log.info("overall latency %.3gx: the pruning plans its float file %.3gx faster (the %s file of the original "
                  "%.3f ms, of the reference candidate %.3f ms; float %.3f and %.3f ms)", ratio, max(share, 1.0),
                  last_name, base_last, ref_last, base_float, ref_float)
+        if share > base_float / ref_float:  # past the reference candidate: extrapolated, and costly
+            log.warning("the %s file alone runs %.2fx faster than the original's float file, and pruning moves it "
+                        "little here (%.3f -> %.3f ms at the reference candidate); reaching %.3gx asks the pruning "
+                        "for more than the reference's %.2fx in float: expect a large accuracy cost, or ask for "
+                        "%.2fx or less", last_name, base_float / base_last, base_last, ref_last, ratio,
+                        base_float / ref_float, base_float / base_last)
         return {"latency_speedup": share if share > 1.0 else None, "latency_ms": None}
 
     def _time_stage_files(self, baseline: tf.keras.Model) -> Optional[Dict[str, Dict[str, float]]]:

@@ -473,8 +473,16 @@ def test_an_overall_latency_target_is_split_by_the_stages_files_timed_before_tra
     assert learner.first.context.target.latency_ms is None
 
 
-def test_a_latency_split_the_last_stage_meets_alone_or_no_pruning_can_reach(tmp_path):
+def test_a_latency_split_the_last_stage_meets_alone_or_no_pruning_can_reach(tmp_path, caplog):
     from pocketflow.config import TargetConfig
+
+    # 3.3x: float needed 0.4 + (1 / 3.3495 - 0.3) * 3 = 0.395 ms, faster than the reference candidate's 0.4 ms
+    # (the line extrapolated, and the int8 file barely moves): a warning
+    with caplog.at_level("WARNING", logger="learners.chain"):
+        learner = _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_speedup=3.3),
+                                       TIMINGS)
+    assert learner.first.context.target.latency_speedup == pytest.approx(1 / (0.4 + (1 / 3.3495 - 0.3) * 3))
+    assert "expect a large accuracy cost, or ask for 2.00x or less" in caplog.text
 
     # 1.5x: int8 alone gives 2x; with a MAC target the pruning keeps only that one
     learner = _latency_split_chain(tmp_path, "channel+uniform", TargetConfig(speedup=1.5, latency_speedup=1.5),
