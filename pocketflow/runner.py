@@ -122,7 +122,7 @@ class Runner:
         for name, section in config.learners.items():  # catch typos in every learner section
             options = LEARNERS.get(name).parse_options(section, "the configuration")
             if name not in read:  # another learner's section: only its defaults may be there
-                defaults = LEARNERS.get(name).Config()
+                defaults = LEARNERS.get(name).parse_options({}, "the defaults")  # a chain's: with its stages
                 ignored += [f"{name}.{field.name}" for field in dataclasses.fields(options)
                             if field.init and getattr(options, field.name) != getattr(defaults, field.name)]
         if ignored:

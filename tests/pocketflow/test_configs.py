@@ -26,6 +26,18 @@ def test_every_config_file_is_a_valid_run(path):
         assert path.read_text().startswith("#")  # says what it is for
 
 
+@pytest.mark.parametrize("learner, target", [("full-prec", []), ("channel+uniform", ["--target-speedup", "2"]),
+                                             ("weight-sparse+uniform", ["--target-sparsity", "0.8"])])
+def test_the_template_runs_as_it_is_for_any_learner(learner, target, tmp_path, capsys):
+    """Every section at its default, whichever learner is chosen: nothing 'would be ignored' (a chain's
+    section parsed to its defaults too; it crashed with a traceback before)."""
+    from pocketflow.cli import main
+
+    assert main(["--config", str(CONFIGS / "template.yaml"), "--learner", learner, *target, "--dry-run",
+                 "--output-dir", str(tmp_path / "run")]) == 0
+    assert f"learner:    {learner}" in capsys.readouterr().out
+
+
 def test_the_template_is_generated_from_the_config_classes():
     assert (CONFIGS / "template.yaml").read_text() == render(learner_configs()), \
         "run: python scripts/config_template.py"
