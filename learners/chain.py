@@ -421,7 +421,7 @@ class ChainLearner(Learner):
             paths = {}
             for (model, kind), payload in payloads.items():
                 paths[(model, kind)] = Path(directory) / f"{model}_{kind}.tflite"
-                paths[(model, kind)].write_bytes(payload)
+                write_atomic(paths[(model, kind)], payload)
             timed = compare_latency(list(paths.values()), rounds=LATENCY_SPLIT_ROUNDS, min_seconds=0.2,
                                     threads=self.context.threads)
         timings: Dict[str, Dict[str, float]] = {"original": {}, "reference": {}}
