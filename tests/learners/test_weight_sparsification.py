@@ -405,7 +405,7 @@ def test_a_full_integer_file_keeps_the_classifier_dense_so_the_runtime_takes_it_
 
     learner = learner_for(trained, TargetConfig(sparsity=0.8), recovery_epochs=0.0, bits=8, int8_mode=int8_mode,
                           protect="none", format="tflite")
-    classifier = learner._weights[-1]
+    classifier = learner._weights[-1]  # the digits CNN's only fully-connected kernel, 1% of its weights
     assert len(classifier.shape) == 2 and (classifier.key in learner._protected("none")) == kept
     candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
     assert learner.candidate_metrics(candidate)["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -431,3 +431,19 @@ def test_a_shipped_sparse_tflite_file_is_the_one_timed_against_the_baseline(tmp_
     assert best["tflite_latency_ms"] == shipped["latency_ms"] and best["tflite_accuracy"] == shipped["accuracy"]
     assert (out / best["latency_comparison"]["shipped_file"]).resolve() == Path(best["artifact_path"]).resolve()
     assert_report_matches_files(out)
+
+
+def test_fully_connected_kernels_holding_most_weights_are_pruned_even_in_full_integer(trained, caplog):
+    """An MLP: keeping its fully-connected kernels dense would leave nothing to prune, so they are pruned
+    (the run warns that the runtime will not accelerate the sparse int8 file)."""
+    dataset, _, schedule = trained
+    inputs = tf.keras.Input(dataset.input_shape)
+    hidden = L.Dense(32, activation="relu", name="hidden")(L.Flatten()(inputs))
+    mlp = tf.keras.Model(inputs, L.Dense(dataset.num_classes, name="logits")(hidden))
+    context = LearnerContext(dataset=dataset, schedule=schedule, target=TargetConfig(sparsity=0.5),
+                             distributed=SingleProcess())
+    learner = WeightSparseLearner(WeightSparseConfig(bits=8, int8_mode="full", protect="none"), context)
+    with caplog.at_level("WARNING"):
+        learner.prepare(mlp)
+    assert learner._protected("none") == ()
+    assert "will run on the reference kernels" in caplog.text
