@@ -282,6 +282,8 @@ def _learner_help(argv: List[str]) -> Optional[str]:
     learner = peek.parse_known_args(argv)[0].learner
     if not learner:
         return None
+    import dataclasses
+
     from pocketflow import keras_setup
 
     keras_setup.start_quietly()
@@ -289,9 +291,12 @@ def _learner_help(argv: List[str]) -> Optional[str]:
     from pocketflow.config_template import learner_section
 
     learner_class = LEARNERS.get(learner)
-    section = "\n".join(learner_section(learner, learner_class.Config))
     stages = "".join(f"\n\nits stage {name} reads the '{name}' section:\n\n"
                      + "\n".join(learner_section(name, LEARNERS.get(name).Config)) for name in learner_class.sections)
+    if learner_class.sections and not dataclasses.fields(learner_class.Config):  # weight-sparse+uniform: its stage holds them
+        own = learner_class.Config.__doc__.strip()
+        return f"\nOptions of --learner {learner}: {own[0].lower()}{own[1:]}{stages}"
+    section = "\n".join(learner_section(learner, learner_class.Config))
     return (f"\nOptions of --learner {learner}: give them as --set {learner}.KEY=VALUE, or in a '{learner}:' "
             f"section of a --config file (configs/template.yaml lists every section):\n\n{section}{stages}")
 

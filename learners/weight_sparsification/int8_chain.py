@@ -33,7 +33,7 @@ STAGE1_FILE = "stage1_sparse_float.tflite"
 
 @dataclass(frozen=True)
 class SparseInt8ChainConfig:
-    """No options of its own: the 'weight-sparse' section holds them, with bits fixed at 8."""
+    """None of its own: the 'weight-sparse' section holds them, with bits fixed at 8."""
 
 
 @register_learner
