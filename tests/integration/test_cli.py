@@ -43,6 +43,11 @@ def test_learner_help_lists_every_key_of_its_section(capsys):
     for name in LEARNERS.names():
         assert main(["--learner", name, "--help"]) == 0
         shown = capsys.readouterr().out
+        learner = LEARNERS.get(name)
+        if learner.sections and not dataclasses.fields(learner.Config):  # weight-sparse+uniform
+            assert f"Options of --learner {name}: none of its own" in shown
+            assert all(f"\n{stage}:" in shown for stage in learner.sections)
+            continue
         assert f"Options of --learner {name}" in shown and f"\n{name}:" in shown
         section = shown.split(f"\n{name}:", 1)[1].splitlines()
         for field in dataclasses.fields(LEARNERS.get(name).Config):
