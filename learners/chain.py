@@ -599,12 +599,8 @@ class ChainLearner(Learner):
         fields = state.last_learner.write_artifacts(state.last, directory)
         if fields.get("qat_epochs") is not None:  # what the int8 stage trained (uniform.qat_epochs may override)
             state.records[1]["finetune_epochs"] = fields["qat_epochs"]
-        state.records[1].update({key: fields[key] for key in ("shipped_format", "shipped_method", "tflite_path",
-                                                              "tflite_accuracy", "artifact_path", "artifact_bytes",
-                                                              "artifact_accuracy", "tflite_latency_ms")
-                                 if key in fields})
-        lines = [f"{index}. {record['learner']}: " + stage_summary(record, detailed=True) for index, record in
-                 enumerate(state.records, 1)]
+        state.records[1].update({key: fields[key] for key in SHIPPED_FIELDS if key in fields})
+        lines = stage_lines(state.records)
         if self.options.search == "joint":
             lines.append("Searched jointly: every trial went through both stages (no training) before it was scored "
                          "and checked against every target; the winner's last-stage hyperparameters were kept.")
@@ -625,6 +621,17 @@ class ChainLearner(Learner):
         if not isinstance(candidate.state, ChainState):
             raise RuntimeError(f"learner '{self.name}': finalize the candidate before describing or shipping it")
         return candidate.state
+
+
+# What a last stage's write_artifacts says of the file it ships, copied into its stage record.
+SHIPPED_FIELDS = ("shipped_format", "shipped_method", "tflite_path", "tflite_accuracy", "artifact_path",
+                  "artifact_bytes", "artifact_accuracy", "tflite_latency_ms")
+
+
+def stage_lines(records: List[Dict[str, Any]]) -> List[str]:
+    """report.md's lines for a chain's stage records, one per stage."""
+    return [f"{index}. {record['learner']}: " + stage_summary(record, detailed=True)
+            for index, record in enumerate(records, 1)]
 
 
 def chain_class(first: str, last: str) -> type:

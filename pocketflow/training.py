@@ -267,7 +267,6 @@ def _train_loop(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, d
     weight_decay = float(schedule.weight_decay)
     variables = model.trainable_variables
 
-    @traced_with(reduce_retracing=True)
     def step(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
@@ -281,6 +280,8 @@ def _train_loop(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, d
             gradients = optimizer.get_unscaled_gradients(gradients)
         optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
         return loss
+
+    step = traced(step, reduce_retracing=True)
 
     batches = data.train(batch_size, shuffle=True, augment=schedule.augment, seed=seed,
                          shard=distributed.shard(), repeat=True)
@@ -353,11 +354,6 @@ class _OwnKey:
 def traced(function: Callable, **options) -> Callable:
     """``tf.function(function, **options)``, counted apart by TensorFlow's retracing detector (``_OwnKey``)."""
     return tf.function(_OwnKey(function), **options)
-
-
-def traced_with(**options) -> Callable[[Callable], Callable]:
-    """``traced`` as a decorator."""
-    return lambda function: traced(function, **options)
 
 
 def inference_function(model: tf.keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:

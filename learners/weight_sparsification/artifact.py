@@ -262,19 +262,19 @@ def write_sparse_files(model: tf.keras.Model, directory: Path, dataset: Dataset,
     values = "float32" if bits is None else f"int8 {int8_mode}"
     files: Dict[str, Dict[str, Any]] = {}
 
-    def tflite_file(kind: str, name: str, payload: bytes, description: str) -> None:
-        path = directory / name
+    def tflite_file(kind: str, mode: str, payload: bytes, description: str) -> None:
+        path = directory / f"model_{mode}.tflite"
         write_atomic(path, payload)
-        measured = measure(path, name.split(".")[0].replace("model_", ""), test_images, test_labels)
+        measured = measure(path, mode, test_images, test_labels)
         files[kind] = {"format": description, "path": str(path), "bytes": measured.bytes,
                        "accuracy": measured.accuracy, "latency_ms": measured.latency_ms}
 
     # measure: LearnerContext.measure_file, the run's one measurement path
-    tflite_file("tflite", f"model_sparse{suffix}.tflite", sparse_tflite(model, bits, int8_mode, representative),
+    tflite_file("tflite", f"sparse{suffix}", sparse_tflite(model, bits, int8_mode, representative),
                 f"sparse TFLite ({values})")
     if "dense" in kinds:  # the runtime's fast kernels may take a dense file where they refuse the sparse one
-        tflite_file("dense", f"model_dense{suffix}.tflite", convert(model, tflite_mode(bits, int8_mode),
-                                                                    representative), f"dense TFLite ({values})")
+        tflite_file("dense", f"dense{suffix}", convert(model, tflite_mode(bits, int8_mode), representative),
+                    f"dense TFLite ({values})")
 
     container_path = directory / f"model_sparse{suffix}.npz"
     size = write_container(model, container_path, quantize, bits)

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from learners.base import Candidate, register_learner
+from learners.chain import SHIPPED_FIELDS, stage_lines
 from learners.weight_sparsification import artifact
 from learners.weight_sparsification.learner import WeightSparseConfig, WeightSparseLearner
 from pocketflow.config import parse_section
 from pocketflow.errors import ConfigError
 from pocketflow.export import write_atomic
-from pocketflow.runs import stage_summary
 
 FIRST, LAST = "weight-sparse", "uniform"
 STAGE1_FILE = "stage1_sparse_float.tflite"
@@ -97,14 +97,9 @@ class SparseInt8Chain(WeightSparseLearner):
         records = self._records(self.describe(candidate))
         records[0].update(shipped_format="sparse TFLite (float32)", tflite_path=first.path,
                           tflite_accuracy=first.accuracy, bytes=first.bytes, tflite_latency_ms=first.latency_ms)
-        shipped = next(file for file in fields["sparse_files"].values() if file["path"] == fields["artifact_path"])
-        records[1].update(shipped_format=fields["shipped_format"], artifact_path=fields["artifact_path"],
-                          artifact_bytes=fields["artifact_bytes"], artifact_accuracy=fields["artifact_accuracy"])
-        if shipped.get("latency_ms"):
-            records[1].update(tflite_path=shipped["path"], tflite_accuracy=shipped["accuracy"],
-                              tflite_latency_ms=shipped["latency_ms"])
-        lines = [f"{index}. {record['learner']}: " + stage_summary(record, detailed=True)
-                 for index, record in enumerate(records, 1)]
+        # the shipped file's fields (its tflite_* ones only where a TFLite file ships), as every chain records them
+        records[1].update({key: fields[key] for key in SHIPPED_FIELDS if key in fields})
+        lines = stage_lines(records)
         lines.append("The int8 stage is weight-sparse's own post-training quantization (weight-sparse.bits = 8): a "
                      "zero stays a zero, which QAT would not keep.")
         sections = fields.get("report_sections", []) + [{"title": f"Stages of {self.name}", "lines": lines}]
