@@ -7,6 +7,8 @@
   raised until at most k coefficients are non-zero; the survivors are kept.
 - ``greedy``: drop channels one by one by their exact cost *after* re-fitting (it also catches
   channels that duplicate others, which LASSO on fixed kernels cannot see).
+- ``energy``: the largest contributions to the readers' outputs (sampled feature maps, so the
+  BatchNorm scale and the readers' weights count), kept with their own weights: no re-fit.
 
 A new criterion is a ``Criterion`` subclass with a ``name`` and ``keep``, decorated with
 ``@register_criterion``; ``channel.criterion`` then accepts its name.
@@ -19,6 +21,7 @@ from typing import Dict, Mapping, Type
 import numpy as np
 
 from learners.channel_pruning.graph import ChannelAnalysis
+from learners.channel_pruning.kinds import KIND_BATCHNORM
 from learners.channel_pruning.layer_rules import rule_for
 from learners.channel_pruning.reconstruction import _bias_sink
 from learners.channel_pruning.sampling import _feature_channels, _flat_kernel, _Moments
@@ -222,3 +225,29 @@ class GreedyCriterion(Criterion):
 
     def keep(self, analysis, group, count, moments, centered):
         return greedy_keep(analysis, group, count, moments)
+
+
+# ---------------------------------------------------------------------------- energy
+@register_criterion
+class EnergyCriterion(Criterion):
+    """The channels whose contributions to their readers' outputs carry the most energy, kept with
+    their own weights (no re-fit). Unlike the filter's L1 norm it sees the BatchNorm scale between
+    a filter and its output, the activation, and how strongly the readers weigh the channel. A
+    constant part of a contribution is left out where a BatchNorm after the reader absorbs it (its
+    statistics are re-estimated after pruning)."""
+
+    name = "energy"
+    reconstructs = False
+
+    def keep(self, analysis, group, count, moments, centered):
+        energy = sum(np.diag(_contribution_gram(analysis, group, reader, moments[reader],
+                                                centered=_normalized(analysis, reader)))
+                     for reader in analysis.groups[group].terminators)
+        order = np.argsort(-energy, kind="stable")
+        return np.sort(order[:count])
+
+
+def _normalized(analysis: ChannelAnalysis, reader: str) -> bool:
+    """Whether only BatchNorms read ``reader``'s output (their re-estimated statistics absorb a constant shift)."""
+    followers = analysis.successors(reader)
+    return bool(followers) and all(analysis.layer_kind(name) == KIND_BATCHNORM for name in followers)

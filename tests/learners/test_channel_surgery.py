@@ -397,6 +397,28 @@ def test_l1_keeps_the_largest_filters():
     assert pruned.get_layer("proj").output_shape[-1] == 3
 
 
+def test_energy_sees_the_batchnorm_and_the_readers_that_filter_norms_miss():
+    """chain_gap: c1 (8 filters) -> BatchNorm -> ReLU -> c2. The largest filters are made worthless
+    (their BatchNorm scale near zero, or c2 not reading them), so L1 keeps them and energy does not."""
+    model = _randomize(chain_gap(), np.random.default_rng(5))
+    c1, bn, c2 = (model.get_layer(name) for name in ("c1", "c1_bn", "c2"))
+    kernel = c1.get_weights()[0]
+    kernel[..., [0, 1]] *= 20.0  # the two largest filters by far
+    c1.set_weights([kernel])
+    gamma, beta, mean, variance = bn.get_weights()
+    gamma[0], beta[0] = 1e-3, -5.0  # channel 0: nearly constant, then cut off by the ReLU
+    bn.set_weights([gamma, beta, mean, variance])
+    reader = c2.get_weights()
+    reader[0][:, :, 1, :] = 0.0  # channel 1: nobody reads it
+    c2.set_weights(reader)
+    analysis = analyze(model)
+    assert set(l1_keep(analysis, "c1", 4)) >= {0, 1}
+    images = np.random.default_rng(6).normal(size=(64, 12, 12, 3)).astype(np.float32)
+    _, info = prune_model(model, {"c1": 0.5}, "energy", sample_images=images)
+    assert not {0, 1} & set(info.kept["c1"]) and info.keep_counts["c1"] == 4
+    assert info.reconstructed == []  # kept with their own weights
+
+
 def test_lasso_picks_one_of_each_collinear_pair():
     rng = np.random.default_rng(3)
     base = rng.normal(size=(50, 4))
@@ -536,7 +558,7 @@ def test_a_registered_criterion_is_used_by_prune_model_and_accepted_by_the_confi
     finally:
         del CRITERIA["test-last"]
     with pytest.raises(ConfigError, match="channel.criterion = 'test-last' is not allowed; choose one of: "
-                                          "auto, l1, lasso, greedy, search"):
+                                          "auto, l1, lasso, greedy, energy, search"):
         ChannelConfig(criterion="test-last")
 
 
