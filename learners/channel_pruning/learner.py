@@ -14,7 +14,7 @@ smaller Keras model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import numpy as np
@@ -22,17 +22,15 @@ import tensorflow as tf
 
 from learners.base import Candidate, Learner, register_learner
 from learners.channel_pruning.criteria import CRITERIA
-from learners.channel_pruning.fade import fade_hook
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.sampling import BaselineCache
 from learners.channel_pruning.selection import prune_model
-from learners.channel_pruning.surgery import prune
 from learners.distillation import Distiller, distillation_loss
 from pocketflow import width_cost
 from pocketflow.baseline import cache_directory
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
 from pocketflow.errors import ConfigError
-from pocketflow.training import from_trained, recalibrate_batchnorm, settle_batchnorm, train, training_steps
+from pocketflow.training import from_trained, recalibrate_batchnorm, settle_batchnorm, train
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +88,6 @@ class ChannelConfig:
     # accuracy, 8 candidates on ResNet-20 at 3x (docs/benchmarks/proxy_quality.json).
     recalibrate_batches: int = 20
     protect: Tuple[str, ...] = ()  # group names never pruned (a producer, or producer[a:b] for a stream band)
-    # Fine-tuning epochs spent on the unpruned model while the dropped channels fade to zero
-    # (learners/channel_pruning/fade.py), before they are removed; the rest fine-tunes the pruned model.
-    fade_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if self.criterion not in ("auto", "search") and self.criterion not in CRITERIA:
@@ -102,7 +97,6 @@ class ChannelConfig:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
         check_fields("channel", self, {
             "channel_multiple": AT_LEAST_1, "min_channels": AT_LEAST_1, "recovery_epochs": AT_LEAST_0,
-            "fade_epochs": AT_LEAST_0,
             "recalibrate_batches": AT_LEAST_0,
             "sample_images": (lambda value: value >= 16, "must be >= 16")})
 
@@ -390,10 +384,6 @@ class ChannelPruningLearner(Learner):
         return Candidate(pruned, hparams, state=dict(hparams.keep_counts))
 
     def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
-        fade = min(self.options.fade_epochs, epochs)
-        if fade > 0:
-            candidate = candidate.with_model(self._faded(candidate, fade, teacher))
-            epochs -= fade
         model = candidate.model
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
@@ -401,28 +391,6 @@ class ChannelPruningLearner(Learner):
         settle_batchnorm(model, self.context.dataset, schedule, workers=self.context.distributed.size,
                          seed=self.context.seed)
         return candidate
-
-    def _faded(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller]) -> tf.keras.Model:
-        """The candidate rebuilt from an unpruned copy trained for ``epochs`` while its dropped channels fade."""
-        hparams = candidate.hparams
-        baseline = self.baseline
-        analysis = self.analysis(baseline)
-        ratios = {name: count / analysis.groups[name].channels for name, count in hparams.keep_counts.items()}
-        samples = self._sample_images() if hparams.criterion != "l1" else None
-        _, info = prune_model(baseline, ratios, criterion=hparams.criterion, sample_images=samples,
-                              analysis=analysis, seed=self.context.seed, cache=self._baseline_cache)
-        full = tf.keras.models.clone_model(baseline)
-        full.set_weights(baseline.get_weights())
-        full_analysis = analyze(full)
-        keep = {group: np.asarray(kept) for group, kept in info.kept.items()}
-        schedule = replace(from_trained(self.context.schedule.with_epochs(epochs)), schedule="constant")
-        steps = training_steps(self.context.dataset, schedule, self.context.distributed.size)
-        log.info("fading the %d pruned groups' dropped channels over %s epochs of the unpruned model", len(keep),
-                 f"{epochs:g}")
-        train(full, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
-              loss_function=distillation_loss(teacher, full), after_step=fade_hook(full, full_analysis, keep, steps),
-              description="fade")
-        return prune(full, keep, analysis=full_analysis)
 
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         analysis = self.analysis(self.baseline)

@@ -123,20 +123,6 @@ def test_l1_and_greedy_criteria(trained):
         assert 2.0 <= learner.candidate_metrics(learner.compress(hparams))["speedup"] <= 2.1
 
 
-def test_fading_trains_the_unpruned_model_then_ships_the_candidates_widths(trained):
-    dataset, model, _ = trained
-    learner = learner_for(trained, 2.0, criterion="l1", fade_epochs=0.5)
-    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
-    widths = [layer.output_shape for layer in candidate.model.layers]
-    untrained = accuracy(candidate.model, dataset.validation(256))
-    finetuned = learner.finetune(candidate, 1.0)
-    assert finetuned.model is not candidate.model  # rebuilt from the faded unpruned copy
-    assert [layer.output_shape for layer in finetuned.model.layers] == widths
-    assert count_macs(finetuned.model) == count_macs(candidate.model)
-    assert accuracy(finetuned.model, dataset.validation(256)) > max(untrained, 0.9)
-    assert model.get_layer(model.layers[1].name).output_shape[-1] > widths[1][-1]  # the baseline is untouched
-
-
 def test_uniform_mode_has_a_single_candidate(trained):
     learner = learner_for(trained, 2.0, mode="uniform")
     assert learner.max_trials() == 1 and learner.reference_params() == {}
