@@ -21,7 +21,6 @@ from typing import Dict, Mapping, Type
 import numpy as np
 
 from learners.channel_pruning.graph import ChannelAnalysis
-from learners.channel_pruning.kinds import KIND_BATCHNORM
 from learners.channel_pruning.layer_rules import rule_for
 from learners.channel_pruning.reconstruction import _bias_sink
 from learners.channel_pruning.sampling import _feature_channels, _flat_kernel, _Moments
@@ -232,22 +231,17 @@ class GreedyCriterion(Criterion):
 class EnergyCriterion(Criterion):
     """The channels whose contributions to their readers' outputs carry the most energy, kept with
     their own weights (no re-fit). Unlike the filter's L1 norm it sees the BatchNorm scale between
-    a filter and its output, the activation, and how strongly the readers weigh the channel. A
-    constant part of a contribution is left out where a BatchNorm after the reader absorbs it (its
-    statistics are re-estimated after pruning)."""
+    a filter and its output, the activation, and how strongly the readers weigh the channel. Only the
+    varying part of a contribution counts where the reader has a bias or BatchNorm to take up a
+    constant: a constant is what fine-tuning learns back first, and counting it picks channels for
+    their mean rather than for what they tell apart (ResNet-20 at 3x, the uniform reference: 33.7%
+    validation accuracy before fine-tuning, 27.1% when the classifier's constants counted)."""
 
     name = "energy"
     reconstructs = False
 
     def keep(self, analysis, group, count, moments, centered):
-        energy = sum(np.diag(_contribution_gram(analysis, group, reader, moments[reader],
-                                                centered=_normalized(analysis, reader)))
+        energy = sum(np.diag(_contribution_gram(analysis, group, reader, moments[reader], centered=True))
                      for reader in analysis.groups[group].terminators)
         order = np.argsort(-energy, kind="stable")
         return np.sort(order[:count])
-
-
-def _normalized(analysis: ChannelAnalysis, reader: str) -> bool:
-    """Whether only BatchNorms read ``reader``'s output (their re-estimated statistics absorb a constant shift)."""
-    followers = analysis.successors(reader)
-    return bool(followers) and all(analysis.layer_kind(name) == KIND_BATCHNORM for name in followers)
