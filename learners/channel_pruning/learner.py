@@ -71,7 +71,8 @@ class ChannelConfig:
     # auto: l1 when the chosen candidate will be fine-tuned for at least L1_FROM_EPOCHS epochs, else
     # lasso (measured: docs/channel-recovery.md); lasso: He et al. 2017 (LASSO choice + least-squares
     # reconstruction); greedy: drop channels by their exact cost after reconstruction; l1: filter
-    # magnitude, no reconstruction (fast); search: the optimizer chooses; or the name of a criterion
+    # magnitude, no reconstruction (fast); energy: the largest contributions to the next layer's output on
+    # sampled feature maps, no reconstruction; search: the optimizer chooses; or the name of a criterion
     # registered with register_criterion.
     criterion: str = "auto"
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels

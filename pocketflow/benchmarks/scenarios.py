@@ -242,6 +242,12 @@ add(
     Scenario("resnet20-channel-l1-3x-5ep-seed1", "resnet20", "channel", ("--target-speedup", "3.0"),
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1", "--seed", "1"),
              minutes=15),
+    # Issue #16's acceptance rows as a user runs them: default settings (20 trials, channel.criterion
+    # auto, which is L1 at 5 epochs), only the fine-tuning budget fixed.
+    Scenario("resnet20-channel-2x-5ep-default", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--finetune-epochs", "5"), minutes=10),
+    Scenario("resnet20-channel-3x-5ep-default", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--finetune-epochs", "5"), minutes=10),
     # The energy criterion (the largest contributions to the readers' outputs, own weights, no re-fit)
     # beside the 5-epoch L1 rows above.
     Scenario("resnet20-channel-energy-3x-5ep", "resnet20", "channel", ("--target-speedup", "3.0"),
