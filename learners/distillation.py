@@ -9,6 +9,12 @@ once per training batch on the same (augmented) images as the student. The loss 
 (Hinton et al. 2015): T softens both distributions, and T^2 keeps the soft term's gradient
 on the same scale as the hard term's when T changes. ``alpha = 0`` is plain cross-entropy.
 
+A learner whose student keeps a subset of the teacher's channels (channel pruning) can add a
+feature term: ``loss_for(student, matches)`` with ``FeatureMatch(layer, channels)`` entries makes
+the student's output of ``layer`` reproduce the teacher's output of the same layer on the channels
+it kept, by squared error relative to the teacher's mean square there (so every layer weighs the
+same whatever its scale); the mean over the matched layers, times ``feature_weight``, is added.
+
 A learner uses it with one argument to the shared training loop::
 
     train(model, ..., loss_function=distillation_loss(teacher, model))
@@ -26,14 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import tensorflow as tf
 
 from pocketflow.config import AUTO, SEARCH, DistillationConfig, RunConfig
 from pocketflow.errors import ConfigError
 from pocketflow.precision import FLOAT32, mixed_twin, model_precision
-from pocketflow.training import LossFunction, outputs_probabilities
+from pocketflow.training import LossFunction, outputs_probabilities, with_layer_outputs
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +76,48 @@ def distillation_loss_value(labels: tf.Tensor, student_logits: tf.Tensor, teache
     return loss
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureMatch:
+    """A layer whose output the student should reproduce: the teacher's layer of the same name, at
+    ``channels`` (the teacher's channel positions the student's channels are, in order; None: all)."""
+
+    layer: str
+    channels: Optional[np.ndarray] = None
+
+
+def feature_loss_value(student_features: Sequence[tf.Tensor], teacher_features: Sequence[tf.Tensor],
+                       channels: Sequence[Optional[tf.Tensor]]) -> tf.Tensor:
+    """Mean over layers of mean((student - teacher[..., channels])^2) / mean(teacher[..., channels]^2)."""
+    terms = []
+    for student, teacher, kept in zip(student_features, teacher_features, channels):
+        teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))
+        if kept is not None:
+            teacher = tf.gather(teacher, kept, axis=-1)
+        error = tf.reduce_mean(tf.square(tf.cast(student, tf.float32) - teacher))
+        terms.append(error / (tf.reduce_mean(tf.square(teacher)) + 1e-6))
+    return tf.add_n(terms) / float(len(terms))
+
+
 class Distiller:
     """A frozen teacher and the distillation loss parameters; shared by every student of a run."""
 
     def __init__(self, teacher: tf.keras.Model, temperature: float = 4.0, alpha: float = 0.9,
-                 precision: str = FLOAT32) -> None:
+                 precision: str = FLOAT32, feature_weight: float = 0.0) -> None:
         check_values(temperature, alpha)
+        if not feature_weight >= 0:
+            raise ValueError(f"distillation feature weight must be >= 0, not {feature_weight}")
         self.teacher = teacher
         self.temperature = float(temperature)
         self.alpha = float(alpha)
+        self.feature_weight = float(feature_weight)
         self.precision = precision  # the trainings' (train.precision): the teacher computes in it too
         self._teacher_probabilities = outputs_probabilities(teacher)
         self._computing_teacher: Optional[tf.keras.Model] = None
+        self._teacher_views: Dict[Tuple[str, ...], tf.keras.Model] = {}
 
     def with_values(self, temperature: float, alpha: float) -> "Distiller":
         """The same teacher with other loss parameters (a trial's T and alpha)."""
-        return Distiller(self.teacher, temperature, alpha, self.precision)
+        return Distiller(self.teacher, temperature, alpha, self.precision, self.feature_weight)
 
     def _teacher_model(self) -> tf.keras.Model:
         """The teacher, or its mixed-precision twin when the trainings run in bfloat16 / float16: its
@@ -100,19 +133,61 @@ class Distiller:
         outputs = self._teacher_model()(images, training=False)
         return tf.stop_gradient(_as_logits(outputs, self._teacher_probabilities))
 
-    def loss_for(self, student: tf.keras.Model) -> LossFunction:
-        """The training loss for ``student``: (images, labels, student outputs) -> scalar."""
+    def loss_for(self, student: tf.keras.Model, matches: Sequence[FeatureMatch] = ()) -> LossFunction:
+        """The training loss for ``student``: (images, labels, student outputs) -> scalar; with
+        ``matches`` and a feature weight > 0, the feature term too (the loss then names the layers it
+        reads in ``layer_outputs``, which the training loop honours)."""
         student_probabilities = outputs_probabilities(student)
         temperature, alpha = self.temperature, self.alpha
+        matches = list(matches) if self.feature_weight > 0 else []
+        if not matches:
+            def distillation(images: tf.Tensor, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
+                return distillation_loss_value(labels, _as_logits(outputs, student_probabilities),
+                                               self.teacher_logits(images), temperature, alpha)
 
-        def distillation(images: tf.Tensor, labels: tf.Tensor, outputs: tf.Tensor) -> tf.Tensor:
-            return distillation_loss_value(labels, _as_logits(outputs, student_probabilities),
-                                           self.teacher_logits(images), temperature, alpha)
+            return distillation
 
-        return distillation
+        names = tuple(match.layer for match in matches)
+        self._check_matches(student, matches)
+        channels = [None if match.channels is None else tf.constant(np.asarray(match.channels), tf.int32)
+                    for match in matches]
+        teacher_view, weight = self._teacher_view(names), self.feature_weight
+
+        def distillation_with_features(images: tf.Tensor, labels: tf.Tensor, outputs) -> tf.Tensor:
+            teacher_outputs = teacher_view(images, training=False)
+            teacher_logits = tf.stop_gradient(_as_logits(teacher_outputs[0], self._teacher_probabilities))
+            value = distillation_loss_value(labels, _as_logits(outputs[0], student_probabilities), teacher_logits,
+                                            temperature, alpha)
+            return value + weight * feature_loss_value(outputs[1:], teacher_outputs[1:], channels)
+
+        distillation_with_features.layer_outputs = names
+        return distillation_with_features
+
+    def _teacher_view(self, names: Tuple[str, ...]) -> tf.keras.Model:
+        if names not in self._teacher_views:
+            self._teacher_views[names] = with_layer_outputs(self._teacher_model(), names)
+        return self._teacher_views[names]
+
+    def _check_matches(self, student: tf.keras.Model, matches: Sequence[FeatureMatch]) -> None:
+        """Each matched layer exists on both sides with compatible widths (else a ValueError: a learner bug)."""
+        for match in matches:
+            widths = []
+            for side, model in (("student", student), ("teacher", self.teacher)):
+                try:
+                    widths.append(int(model.get_layer(match.layer).output.shape[-1]))
+                except ValueError:
+                    raise ValueError(f"feature distillation: the {side} has no layer '{match.layer}'") from None
+            expected = widths[1] if match.channels is None else len(match.channels)
+            if widths[0] != expected or (match.channels is not None and len(match.channels) and
+                                         not 0 <= int(np.max(match.channels)) < widths[1]):
+                raise ValueError(f"feature distillation: layer '{match.layer}' has {widths[0]} channels in the "
+                                 f"student and {widths[1]} in the teacher; the match names {expected}")
 
     def describe(self) -> Dict[str, float]:
-        return {"temperature": self.temperature, "alpha": self.alpha}
+        described = {"temperature": self.temperature, "alpha": self.alpha}
+        if self.feature_weight > 0:
+            described["feature_weight"] = self.feature_weight
+        return described
 
     def __repr__(self) -> str:
         return f"Distiller(teacher={self.teacher.name!r}, temperature={self.temperature}, alpha={self.alpha})"
@@ -127,14 +202,17 @@ def as_distiller(teacher: Teacher) -> Optional[Distiller]:
         return teacher
     if isinstance(teacher, tf.keras.Model):
         defaults = DistillationConfig()
-        return Distiller(teacher, float(defaults.temperature), float(defaults.alpha))
+        return Distiller(teacher, float(defaults.temperature), float(defaults.alpha),
+                         feature_weight=float(defaults.feature_weight))
     raise TypeError(f"teacher must be a Distiller, a Keras model or None, not {type(teacher).__name__}")
 
 
-def distillation_loss(teacher: Teacher, student: tf.keras.Model) -> Optional[LossFunction]:
-    """The loss a learner passes to ``train``: distillation with ``teacher``, or None (cross-entropy)."""
+def distillation_loss(teacher: Teacher, student: tf.keras.Model,
+                      matches: Sequence[FeatureMatch] = ()) -> Optional[LossFunction]:
+    """The loss a learner passes to ``train``: distillation with ``teacher`` (and the feature term on
+    ``matches``, where the run's feature weight is > 0), or None (cross-entropy)."""
     distiller = as_distiller(teacher)
-    return distiller.loss_for(student) if distiller is not None else None
+    return distiller.loss_for(student, matches) if distiller is not None else None
 
 
 def check_values(temperature: float, alpha: float) -> None:
@@ -191,7 +269,7 @@ def make_distiller(config: DistillationConfig, teacher: tf.keras.Model,
         middle = reference_values(config)
         temperature = middle.get(TEMPERATURE_PARAM, temperature)
         alpha = middle.get(ALPHA_PARAM, alpha)
-    return Distiller(teacher, float(temperature), float(alpha), precision)
+    return Distiller(teacher, float(temperature), float(alpha), precision, float(config.feature_weight))
 
 
 def resolve_enabled(learner_class: type, config: RunConfig) -> RunConfig:

@@ -172,10 +172,15 @@ class DistillationConfig:
     # When T or alpha is searched: each trial's candidate is fine-tuned this long with its T and
     # alpha before it is scored, so the search measures what they do.
     search_epochs: float = 0.5
+    # Weight of the feature term, where the learner offers matched layers (channel pruning: the residual
+    # blocks' outputs on the channels kept); 0 turns it off. learners/distillation.py says what it is.
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool) or self.enabled == AUTO, "distillation.enabled", self.enabled,
                "must be true, false or 'auto'")
+        _check(isinstance(self.feature_weight, (int, float)) and not isinstance(self.feature_weight, bool)
+               and self.feature_weight >= 0, "distillation.feature_weight", self.feature_weight, "must be a number >= 0")
         for name, value, rule in (("temperature", self.temperature, "a number > 0"),
                                   ("alpha", self.alpha, "a number in [0, 1]")):
             if value == SEARCH:

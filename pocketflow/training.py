@@ -26,7 +26,10 @@ from pocketflow.precision import AUTO, FLOAT16, FLOAT32, copy_weights, mixed_twi
 
 log = logging.getLogger(__name__)
 
-LossFunction = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]  # (images, labels, logits) -> loss
+# (images, labels, logits) -> loss. A loss that also reads intermediate features names their layers in
+# an attribute ``layer_outputs`` (a tuple of layer names): ``train`` then passes it a list, the model's
+# output followed by those layers' outputs (feature distillation, learners/distillation.py).
+LossFunction = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 PROGRESS_SECONDS = 30.0  # a progress line at least this often during long epochs
@@ -229,12 +232,25 @@ def train(model: tf.keras.Model, data: Dataset, schedule: TrainSchedule, *,
     if auto_reason:
         log.info("%s runs in float32: %s", description, auto_reason, extra={"console": False})
     trained = _precision_twin(model, precision, after_step, description, asked=schedule.precision != AUTO)
+    loss_function = loss_function or cross_entropy_for(model)
     try:
-        return _train_loop(trained, data, schedule, distributed, seed, loss_function or cross_entropy_for(model),
-                           after_step, description, step_seconds)
+        return _train_loop(with_layer_outputs(trained, getattr(loss_function, "layer_outputs", ())), data, schedule,
+                           distributed, seed, loss_function, after_step, description, step_seconds)
     finally:
         if trained is not model:
             copy_weights(trained, model)
+
+
+def with_layer_outputs(model: tf.keras.Model, layer_names) -> tf.keras.Model:
+    """``model`` itself, or a view of it (the same layers and weights) that returns its output followed
+    by the named layers' outputs, for a loss that reads them."""
+    if not layer_names:
+        return model
+    if len(model.outputs) != 1:
+        raise ValueError(f"model '{model.name}' has {len(model.outputs)} outputs; a loss that reads layer outputs "
+                         "needs a single-output model")
+    return tf.keras.Model(model.inputs, [model.outputs[0]] + [model.get_layer(name).output for name in layer_names],
+                          name=f"{model.name}_with_features")
 
 
 def _precision_twin(model: tf.keras.Model, precision: str, after_step: Optional[Callable[[], None]],

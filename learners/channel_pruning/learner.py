@@ -14,7 +14,7 @@ smaller Keras model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
 
 import numpy as np
@@ -23,9 +23,10 @@ import tensorflow as tf
 from learners.base import Candidate, Learner, register_learner
 from learners.channel_pruning.criteria import CRITERIA
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
+from learners.channel_pruning.kinds import KIND_MERGE, KIND_TRANSPARENT
 from learners.channel_pruning.sampling import BaselineCache
 from learners.channel_pruning.selection import prune_model
-from learners.distillation import Distiller, distillation_loss
+from learners.distillation import Distiller, FeatureMatch, as_distiller, distillation_loss
 from pocketflow import width_cost
 from pocketflow.baseline import cache_directory
 from pocketflow.config import AT_LEAST_0, AT_LEAST_1, check_fields
@@ -106,6 +107,19 @@ class ChannelConfig:
 class ChannelHyperparameters:
     criterion: str
     keep_counts: Mapping[str, int]
+
+
+@dataclass
+class PrunedChannels:
+    """A candidate's state: the channels kept per group, as counts (what targets and reports read) and
+    as the baseline's channel positions (what feature distillation matches the student's channels to)."""
+
+    counts: Dict[str, int]
+    kept: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _counts(candidate: Candidate) -> Optional[Dict[str, int]]:
+    return candidate.state.counts if isinstance(candidate.state, PrunedChannels) else None
 
 
 @register_learner
@@ -215,12 +229,15 @@ class ChannelPruningLearner(Learner):
 
     def candidate_metrics(self, candidate: Candidate) -> Dict[str, float]:
         metrics = super().candidate_metrics(candidate)
-        if self._baseline_bytes and isinstance(candidate.state, dict):
-            metrics["compression"] = self._baseline_bytes / self.float_bytes(candidate.state)
-        if self._width_cost is not None and isinstance(candidate.state, dict):
-            metrics["latency_speedup"] = self.latency_speedup(candidate.state)
-        if self._baseline_latency_ms and isinstance(candidate.state, dict):
-            metrics["latency_ms"] = self._baseline_latency_ms / self.latency_speedup(candidate.state)
+        counts = _counts(candidate)
+        if counts is None:
+            return metrics
+        if self._baseline_bytes:
+            metrics["compression"] = self._baseline_bytes / self.float_bytes(counts)
+        if self._width_cost is not None:
+            metrics["latency_speedup"] = self.latency_speedup(counts)
+        if self._baseline_latency_ms:
+            metrics["latency_ms"] = self._baseline_latency_ms / self.latency_speedup(counts)
         return metrics
 
     def _ceilings(self) -> List[Tuple[Callable[[Mapping[str, int]], float], float]]:
@@ -382,13 +399,42 @@ class ChannelPruningLearner(Learner):
             recovery = self.context.schedule.with_epochs(self.options.recovery_epochs)
             train(pruned, self.context.dataset, from_trained(recovery), distributed=self.context.distributed,
                   seed=self.context.seed, description="recovery")
-        return Candidate(pruned, hparams, state=dict(hparams.keep_counts))
+        return Candidate(pruned, hparams, state=PrunedChannels(dict(hparams.keep_counts),
+                                                               {group: np.asarray(kept) for group, kept
+                                                                in info.kept.items()}))
+
+    def feature_matches(self, candidate: Candidate) -> List[FeatureMatch]:
+        """The layers feature distillation matches: every residual join (an element-wise merge: ``Add``,
+        ``x + y``), or the layer right after it where that one keeps its shape (the activation), on the
+        baseline's channels the candidate kept there. A model without joins, or a candidate not built
+        here, has none."""
+        if not isinstance(candidate.state, PrunedChannels):
+            return []
+        analysis = self.analysis(self.baseline)
+        names = {layer.name for layer in candidate.model.layers}
+        matches = []
+        for layer in self.baseline.layers:
+            if analysis.layer_kind(layer.name) != KIND_MERGE:
+                continue
+            name, after = layer.name, analysis.successors(layer.name)
+            if len(after) == 1 and analysis.layer_kind(after[0]) == KIND_TRANSPARENT and \
+                    tuple(self.baseline.get_layer(after[0]).output.shape) == tuple(layer.output.shape):
+                name = after[0]
+            channels = analysis.output_indices(name, candidate.state.kept)
+            if channels is not None and name in names:
+                matches.append(FeatureMatch(name, channels))
+        return matches
 
     def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
         model = candidate.model
         schedule = from_trained(self.context.schedule.with_epochs(epochs))
+        distiller = as_distiller(teacher)
+        matches = self.feature_matches(candidate) if distiller is not None and distiller.feature_weight > 0 else []
+        if matches:
+            log.info("fine-tune: the student also reproduces the teacher's output of %d residual joins on the "
+                     "channels it kept (weight %g)", len(matches), distiller.feature_weight)
         train(model, self.context.dataset, schedule, distributed=self.context.distributed, seed=self.context.seed,
-              loss_function=distillation_loss(teacher, model), description="fine-tune")
+              loss_function=distillation_loss(distiller, model, matches), description="fine-tune")
         settle_batchnorm(model, self.context.dataset, schedule, workers=self.context.distributed.size,
                          seed=self.context.seed)
         return candidate
@@ -396,7 +442,7 @@ class ChannelPruningLearner(Learner):
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         analysis = self.analysis(self.baseline)
         groups = analysis.groups
-        counts = candidate.state
+        counts = _counts(candidate)
         if counts is not None:
             after = {name: counts.get(name, group.channels) for name, group in groups.items()}
         else:  # not built here: the widths of layers that are whole groups (a stream's bands: None)

@@ -245,6 +245,39 @@ def test_a_model_written_with_tf_ops_is_pruned_through_its_shortcuts(tmp_path):
     assert accuracy(candidate, dataset.validation(256)) > 0.85  # re-fit through the TF ops (measured 0.99)
 
 
+def test_feature_distillation_matches_the_joins_on_the_channels_kept(caplog):
+    """The fine-tuning's feature term reads each residual join (here ``+`` then tf.nn.relu) on the
+    baseline's channels the candidate kept: the stream's kept channels in stage 1, and in stage 2 the
+    same channels shifted past the shortcut's zero band, between the bands of the stage's own conv."""
+    from learners.distillation import Distiller
+    from pocketflow.training import TrainSchedule
+
+    tf.keras.utils.set_random_seed(0)
+    dataset = load_dataset(DataConfig(name="digits"), seed=0)
+    model = _tf_op_resnet(dataset.input_shape, dataset.num_classes)  # untrained: the wiring is under test
+    schedule = TrainSchedule(1, 32, 0.05, "cosine", "sgd", 5e-4, False)
+    learner = learner_for((dataset, model, schedule), 2.0, criterion="l1", recalibrate_batches=0)
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    matches = learner.feature_matches(candidate)
+    kinds = [model.get_layer(match.layer).__class__.__name__ for match in matches]
+    assert len(matches) == 2 and kinds == ["TFOpLambda", "TFOpLambda"], matches
+    assert all("relu" in match.layer for match in matches)  # the activation after the join, not the sum
+    kept = candidate.state.kept
+    np.testing.assert_array_equal(matches[0].channels, kept["stem"])
+    second = matches[1].channels
+    assert list(second) == sorted(second)
+    np.testing.assert_array_equal(second[(second >= 8) & (second < 24)], 8 + kept["stem"])
+    assert len(second) == candidate.model.get_layer(matches[1].layer).output.shape[-1] < 32
+
+    with caplog.at_level("INFO"):
+        learner.finetune(candidate, 0.1, teacher=Distiller(model, 4.0, 0.9, feature_weight=1.0))
+    assert "output of 2 residual joins" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        learner.finetune(candidate, 0.1, teacher=Distiller(model, 4.0, 0.9))
+    assert "residual joins" not in caplog.text
+
+
 def test_the_barriers_reach_the_report_through_the_learner():
     """report.md renders what the learner's describe() contributes; it knows nothing of barriers itself."""
     from pocketflow.report import render_markdown
