@@ -45,6 +45,7 @@ FLAG_KEYS: Dict[str, str] = {
     "distill": "distillation.enabled",
     "distill_temperature": "distillation.temperature",
     "distill_alpha": "distillation.alpha",
+    "distill_features": "distillation.feature_weight",
     "sparsity_pattern": "{learner}.pattern",  # weight-sparse only: an error with any other learner
     "bits": "{learner}.bits",  # the selected learner's section (uniform, weight-sparse)
     "export": "export.tflite",
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="softening temperature T > 0, or 'search' to let the optimizer choose (default 4)")
     distill.add_argument("--distill-alpha", type=_number_or_search, metavar="A|search",
                          help="weight of the teacher term in [0, 1], or 'search' (default 0.9)")
+    distill.add_argument("--distill-features", type=float, metavar="W",
+                         help="weight of the feature term: the pruned model's residual joins reproduce the "
+                              "teacher's on the channels kept (channel learner; 0 turns it off; default 0)")
 
     export = parser.add_argument_group("export")
     export.add_argument("--export", choices=["tflite", "none"], help="write and measure TFLite files "

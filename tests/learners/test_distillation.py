@@ -199,12 +199,22 @@ def test_config_errors_name_the_value_and_the_fix():
         DistillationConfig(enabled=True, temperature_range=(4.0, 2.0))
     with pytest.raises(ConfigError, match=r"distillation.temperature = 'hot'"):
         build_run_config({"distillation": {"enabled": True, "temperature": "hot"}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match=r"distillation.feature_weight = -1.0 .*>= 0"):
+        build_run_config({"distillation": {"feature_weight": -1}}, LEARNERS.names())
     with pytest.raises(ConfigError, match="unknown key 'distillation.temprature'"):
         build_run_config({"distillation": {"temprature": 2}}, LEARNERS.names())
     config = build_run_config({"learner": "full-prec", "distillation": {"enabled": True}}, LEARNERS.names())
     with pytest.raises(ConfigError, match="does not fine-tune"):
         check_run(LEARNERS.get("full-prec"), config)
     check_run(LEARNERS.get("channel"), config)
+
+
+def test_the_feature_flag_sets_the_feature_weight():
+    from pocketflow.cli import build_parser, merged_config_dict
+
+    data, _ = merged_config_dict(build_parser().parse_args(["--learner", "channel", "--distill-features", "2.5"]))
+    assert build_run_config(data, LEARNERS.names()).distillation.feature_weight == 2.5
+    assert DistillationConfig().feature_weight == 0.0  # off unless asked (docs/channel-recovery.md: why)
 
 
 def test_auto_distils_channel_fine_tuning_only():
