@@ -85,22 +85,32 @@ def _stack(width: int) -> tf.keras.Model:
 
 def test_the_prediction_follows_the_files_this_runtime_measures(tmp_path):
     """The curve measured here predicts, within 20%, the latency ratio of real files whose widths
-    fall on and between tiles, on whatever CPU runs this test."""
-    cost = width_cost.measure(widths=(8, 16, 24, 32, 40, 48, 56, 64), rounds=2, min_seconds=0.1)
-    assert all(ms > 0 for ms in cost.milliseconds)
+    fall on and between tiles, on whatever CPU runs this test. The suite's other worker shares the
+    cores (2 on CI) and can swing one sitting's timings past that (seen on an AVX2 machine: 3.18x
+    measured against 2.47x predicted, then within 6% alone), so the curve and the files are measured
+    again, up to three sittings, one of which must fit within 20% at every width."""
     full = _stack(64)
     analysis = analyze(full)
-    paths, predicted = [], {}
+    paths = []
     for width in (64, 40, 32, 24):
         path = tmp_path / f"w{width}.tflite"
         write_atomic(path, convert(_stack(width), "float"))
         paths.append(path)
-        counts = {name: width for name, g in analysis.groups.items() if g.channels == 64}
-        predicted[width] = analysis.latency_for({}, cost) / analysis.latency_for(counts, cost)
-    measured = compare_latency(paths, rounds=3, min_seconds=0.2)
-    base = measured[str(paths[0])]
-    for width, path in zip((64, 40, 32, 24), paths):
-        ratio = base / measured[str(path)]
-        assert ratio == pytest.approx(predicted[width], rel=0.2), (width, ratio, predicted[width],
-                                                                  cost.as_dict())
-    assert np.isfinite(list(predicted.values())).all()
+    misses = []
+    for _ in range(3):
+        cost = width_cost.measure(widths=(8, 16, 24, 32, 40, 48, 56, 64), rounds=2, min_seconds=0.1)
+        assert all(ms > 0 for ms in cost.milliseconds)
+        predicted = {}
+        for width in (64, 40, 32, 24):
+            counts = {name: width for name, g in analysis.groups.items() if g.channels == 64}
+            predicted[width] = analysis.latency_for({}, cost) / analysis.latency_for(counts, cost)
+        assert np.isfinite(list(predicted.values())).all()
+        measured = compare_latency(paths, rounds=3, min_seconds=0.2)
+        base = measured[str(paths[0])]
+        ratios = {width: base / measured[str(path)] for width, path in zip((64, 40, 32, 24), paths)}
+        off = {width: (ratios[width], predicted[width]) for width in ratios
+               if ratios[width] != pytest.approx(predicted[width], rel=0.2)}
+        if not off:
+            return
+        misses.append((off, cost.as_dict()))
+    pytest.fail(f"three sittings missed the 20% band (width: (measured, predicted)): {misses}")
