@@ -87,7 +87,7 @@ def test_the_prediction_follows_the_files_this_runtime_measures(tmp_path):
     """The curve measured here predicts, within 20%, the latency ratio of real files whose widths
     fall on and between tiles, on whatever CPU runs this test. The suite's other worker shares the
     cores (2 on CI) and can swing one sitting's timings past that (seen on an AVX2 machine: 3.18x
-    measured against 2.47x predicted, then within 6% alone), so the curve and the files are measured
+    measured against 2.47x predicted; within the band when run alone), so the curve and the files are measured
     again, up to three sittings, one of which must fit within 20% at every width."""
     full = _stack(64)
     analysis = analyze(full)
