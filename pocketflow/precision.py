@@ -10,14 +10,15 @@ float32 run gives.
 
 A training that cannot use a twin runs in float32 and says why: a model that ``clone_model`` cannot
 rebuild (subclassed models, nested models, layers without a config), or a training whose per-step
-hook edits the model's own weights (sparsity masks).
+hook edits the model's own weights (sparsity masks). Layers from outside Keras are rebuilt only where
+the module that knows them registered how (``register_twin_rebuild``: the int8 learner's QAT wrappers).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,17 @@ def resolve_precision(requested: str) -> str:
 BFLOAT16_WIDTH_MULTIPLE = 16
 
 
+# Layer types from outside Keras with a known mixed-precision rebuild: type -> rebuild(layer, policy),
+# where policy is None for a layer that must stay float32 (one producing the model's output).
+_TWIN_REBUILDS: Dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def register_twin_rebuild(layer_type: type, rebuild: Callable[[Any, Any], Any]) -> None:
+    """Let ``mixed_twin`` rebuild layers of ``layer_type`` (a type from outside Keras) with ``rebuild``:
+    it returns a fresh, unbuilt layer of the same name whose weights are created in the same order."""
+    _TWIN_REBUILDS[layer_type] = rebuild
+
+
 def _output_layer_ids(model) -> set:
     """Identities of the layers that produce the model's outputs (they keep float32)."""
     return {id(tensor._keras_history.layer) for tensor in model.outputs}
@@ -114,7 +126,8 @@ def mixed_twin(model, precision: str):
     # A layer from outside Keras (a quantization wrapper, a user's own) may keep state that is not in
     # its config or weights: a rebuilt copy could compute something else, silently.
     foreign = sorted({type(layer).__name__ for layer in model.layers
-                      if not type(layer).__module__.startswith(_KERAS_LAYER_MODULES)})
+                      if not type(layer).__module__.startswith(_KERAS_LAYER_MODULES)
+                      and type(layer) not in _TWIN_REBUILDS})
     if foreign:
         return None, f"layers from outside Keras ({', '.join(foreign)}) are not rebuilt in {precision}"
     # The layers whose outputs are the model's stay float32: a softmax or logits in bfloat16 lose
@@ -122,8 +135,11 @@ def mixed_twin(model, precision: str):
     output_layers = _output_layer_ids(model)
 
     def rebuild(layer):
+        mixed = id(layer) not in output_layers and not isinstance(layer, tf.keras.layers.InputLayer)
+        if type(layer) in _TWIN_REBUILDS:
+            return _TWIN_REBUILDS[type(layer)](layer, policy if mixed else None)
         config = layer.get_config()
-        if id(layer) not in output_layers and not isinstance(layer, tf.keras.layers.InputLayer):
+        if mixed:
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 

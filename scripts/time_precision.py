@@ -10,7 +10,10 @@ the precision; and timing whole trainings measured their start (the shuffle buff
 which varies by seconds.
 
     python scripts/time_precision.py --model ../shared/data/pretrained/resnet20_cifar10.h5 \\
-        --data-dir ../shared/data/cifar10 --rounds 3 [--distill]
+        --data-dir ../shared/data/cifar10 --rounds 3 [--distill] [--qat]
+
+``--qat`` times the int8 learner's quantization-aware training instead: the model wrapped with TFMOT's
+fake-quantizers (calibrated as the learner does), trained through its bfloat16 twin or in float32.
 
 ``--widths 8 11 16 ...`` instead times one fixed batch's step of a three-layer CNN (widths w, w, 2w) in
 both precisions, alternating: the evidence for ``auto``'s rule (bfloat16 only at multiples of 16).
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="float32/bfloat16 pairs, alternating")
     parser.add_argument("--distill", action="store_true", help="with a distillation teacher (channel's default)")
+    parser.add_argument("--qat", action="store_true", help="time the int8 learner's QAT model instead")
     args = parser.parse_args()
     if args.widths:
         time_widths(args.widths, args.batch_size, args.rounds)
@@ -56,6 +60,12 @@ def main() -> None:
     dataset = load_dataset(DataConfig(name="cifar10", dir=args.data_dir, mean=(0.485, 0.456, 0.406),
                                       std=(0.229, 0.224, 0.225), augment=True), seed=0)
     model = load_user_model(args.model, trust=True)
+    if args.qat:
+        from learners.uniform_quantization.qat import calibrate, quantize_aware
+
+        float_model = model
+        model, _ = quantize_aware(float_model)
+        calibrate(model, float_model, dataset.sample_train(256, seed=0))
     # --distill: the teacher (the baseline itself here) runs on every batch, as channel fine-tuning does,
     # in the precision of the training (as the runner's Distiller does).
     teacher = load_user_model(args.model, trust=True) if args.distill else None
@@ -80,7 +90,7 @@ def main() -> None:
     medians = {precision: statistics.median(values) for precision, values in per_step.items()}
     for precision, step in medians.items():
         print(f"median    {precision:8s}  {step * 1000:.1f} ms per step  {3600 / (step * steps_per_epoch):.1f} "
-              f"epochs per hour (batch {args.batch_size}{', distilled' if args.distill else ''})")
+              f"epochs per hour (batch {args.batch_size}{', distilled' if args.distill else ''}{', QAT' if args.qat else ''})")
     ratios = [f / b for f, b in zip(per_step["float32"], per_step["bfloat16"])]
     print(f"bfloat16 speed-up: {medians['float32'] / medians['bfloat16']:.2f}x (medians); per round "
           + ", ".join(f"{ratio:.2f}x" for ratio in ratios) + f", median {statistics.median(ratios):.2f}x")

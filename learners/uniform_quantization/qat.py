@@ -6,22 +6,34 @@ is listed, so a user model with a custom layer still gets a QAT model instead of
 After training, the learned weights are copied back into a plain Keras clone of the baseline
 (no wrappers, no custom objects); the int8 TFLite file is converted from the QAT model itself,
 so the converter uses the ranges the fake-quantizers learned.
+
+A QAT model trains in bfloat16 (train.precision) through a mixed-precision twin like any other model:
+this module tells the core how to rebuild TFMOT's wrappers for it (``register_twin_rebuild``). The
+wrapped layers compute in bfloat16, while every fake-quantizer runs in float32 on the float32 weights
+and ranges: TensorFlow's fake-quant kernels take float32 only, and the grid a layer trains against
+must be the one the converter later reads from those float32 variables.
 """
 
 from __future__ import annotations
 
+import copy
+import importlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from pocketflow.export import load_interpreter
+from pocketflow.precision import register_twin_rebuild
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (tf.keras is tf_keras: pocketflow.keras_setup)
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_registry as registry_module)
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # noqa: E402
+from tensorflow_model_optimization.python.core.quantization.keras.quantize_wrapper import (  # noqa: E402
+    QuantizeWrapper, QuantizeWrapperV2)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +93,95 @@ def _unsafe_deserialization():
     except (ImportError, AttributeError):  # another Keras 2 layout: keep the default
         return contextlib.nullcontext()
     return scope(False)
+
+
+# ---------------------------------------------------------------- mixed-precision twins of QAT models
+def _float32_variables():
+    """A scope in which Keras's auto-cast variables read as what they store (float32), not as the
+    layer's compute dtype."""
+    package = tf.keras.layers.Layer.__module__.split(".")[0]  # "keras" or "tf_keras", whichever tf.keras is
+    autocast = importlib.import_module(f"{package}.src.mixed_precision.autocast_variable")
+    return autocast.enable_auto_cast_variables(None)
+
+
+class Float32Quantizer(tfmot.quantization.keras.quantizers.Quantizer):
+    """``quantizer`` applied in float32 to a tensor of a bfloat16 / float16 layer: the input (a weight
+    or an activation) and the quantizer's range variables are read in float32, the fake-quantized
+    result is cast to the layer's compute dtype."""
+
+    def __init__(self, quantizer, compute_dtype: str) -> None:
+        self.quantizer = quantizer
+        self.compute_dtype = compute_dtype
+
+    def build(self, tensor_shape, name, layer):
+        return self.quantizer.build(tensor_shape, name, layer)
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        with _float32_variables():
+            quantized = self.quantizer(tf.cast(inputs, tf.float32), training, weights, **kwargs)
+        return tf.cast(quantized, self.compute_dtype)
+
+    def get_config(self):
+        return {"quantizer": tf.keras.utils.serialize_keras_object(self.quantizer),
+                "compute_dtype": self.compute_dtype}
+
+    def __eq__(self, other):
+        return (isinstance(other, Float32Quantizer) and self.quantizer == other.quantizer
+                and self.compute_dtype == other.compute_dtype)
+
+
+class Float32QuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
+    """A wrapper's quantize config with every quantizer made a ``Float32Quantizer``."""
+
+    def __init__(self, config, compute_dtype: str) -> None:
+        self.config = config
+        self.compute_dtype = compute_dtype
+
+    def _float32(self, pairs):
+        return [(item, Float32Quantizer(quantizer, self.compute_dtype)) for item, quantizer in pairs]
+
+    def get_weights_and_quantizers(self, layer):
+        return self._float32(self.config.get_weights_and_quantizers(layer))
+
+    def get_activations_and_quantizers(self, layer):
+        return self._float32(self.config.get_activations_and_quantizers(layer))
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        self.config.set_quantize_weights(layer, quantize_weights)
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        self.config.set_quantize_activations(layer, quantize_activations)
+
+    def get_output_quantizers(self, layer):
+        return [Float32Quantizer(quantizer, self.compute_dtype)
+                for quantizer in self.config.get_output_quantizers(layer)]
+
+    def get_config(self):
+        return {"config": tf.keras.utils.serialize_keras_object(self.config), "compute_dtype": self.compute_dtype}
+
+
+def _rebuild_wrapper(wrapper, policy: Optional[tf.keras.mixed_precision.Policy]):
+    """A fresh copy of a QuantizeWrapper: with ``policy``, the wrapper and its layer compute in it and
+    its quantizers in float32; without, a float32 copy (the layer producing the model's output)."""
+    inner_config = wrapper.layer.get_config()
+    quantize_config = copy.deepcopy(wrapper.quantize_config)
+    if policy is not None:
+        inner_config["dtype"] = policy
+        quantize_config = Float32QuantizeConfig(quantize_config, policy.compute_dtype)
+    with tfmot.quantization.keras.quantize_scope():  # the layer's activation is TFMOT's in its config
+        inner = wrapper.layer.__class__.from_config(inner_config)
+    return type(wrapper)(inner, quantize_config, name=wrapper.name, **({"dtype": policy} if policy else {}))
+
+
+def _rebuild_input_quantizer(layer, policy):
+    """The input's QuantizeLayer stays float32 (the images are quantized as the int8 file will): the
+    first wrapped layer casts its output to bfloat16."""
+    return QuantizeLayer(copy.deepcopy(layer.quantizer), name=layer.name)
+
+
+for _wrapper_type in (QuantizeWrapper, QuantizeWrapperV2):
+    register_twin_rebuild(_wrapper_type, _rebuild_wrapper)
+register_twin_rebuild(QuantizeLayer, _rebuild_input_quantizer)
 
 
 def _inner_layers(model: tf.keras.Model) -> Dict[str, tf.keras.layers.Layer]:

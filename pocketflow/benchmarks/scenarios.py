@@ -135,6 +135,11 @@ add(
              ("--finetune-epochs", "3"), peer=True, minutes=10),
     Scenario("resnet20-uniform-int8", "resnet20", "uniform", ("--target-bits", "8"), ("--finetune-epochs", "1"),
              minutes=6),
+    # The same QAT epoch in each precision (explicitly, whatever auto would pick here): the accuracy check
+    # behind train.precision for QAT; report.json's qat_int8_accuracy is the QAT file's test accuracy.
+    *(Scenario(f"resnet20-uniform-int8-{name}", "resnet20", "uniform", ("--target-bits", "8"),
+               ("--finetune-epochs", "1", "--set", f"train.precision={name}"), minutes=15)
+      for name in ("float32", "bfloat16")),
     Scenario("resnet20-tfmot-qat-int8", "resnet20", "tfmot-qat", (), ("--finetune-epochs", "1"), peer=True,
              minutes=6),
     Scenario("resnet20-tflite-ptq-int8", "resnet20", "tflite-ptq", (), peer=True, minutes=1),
