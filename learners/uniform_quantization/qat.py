@@ -125,10 +125,6 @@ class Float32Quantizer(tfmot.quantization.keras.quantizers.Quantizer):
         return {"quantizer": tf.keras.utils.serialize_keras_object(self.quantizer),
                 "compute_dtype": self.compute_dtype}
 
-    def __eq__(self, other):
-        return (isinstance(other, Float32Quantizer) and self.quantizer == other.quantizer
-                and self.compute_dtype == other.compute_dtype)
-
 
 class Float32QuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
     """A wrapper's quantize config with every quantizer made a ``Float32Quantizer``."""
