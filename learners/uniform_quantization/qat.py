@@ -83,13 +83,17 @@ def quantize_aware(model: tf.keras.Model) -> Tuple[tf.keras.Model, List[str]]:
     return qat_model, left_float
 
 
+def _keras_module(name: str):
+    """A module of the Keras that ``tf.keras`` is ("keras" or "tf_keras"), e.g. "saving.serialization_lib"."""
+    package = tf.keras.layers.Layer.__module__.split(".")[0]
+    return importlib.import_module(f"{package}.src.{name}")
+
+
 def _unsafe_deserialization():
     import contextlib
-    import importlib
 
-    package = tf.keras.layers.Layer.__module__.split(".")[0]  # "keras" or "tf_keras", whichever tf.keras is
     try:
-        scope = importlib.import_module(f"{package}.src.saving.serialization_lib").SafeModeScope
+        scope = _keras_module("saving.serialization_lib").SafeModeScope
     except (ImportError, AttributeError):  # another Keras 2 layout: keep the default
         return contextlib.nullcontext()
     return scope(False)
@@ -99,9 +103,7 @@ def _unsafe_deserialization():
 def _float32_variables():
     """A scope in which Keras's auto-cast variables read as what they store (float32), not as the
     layer's compute dtype."""
-    package = tf.keras.layers.Layer.__module__.split(".")[0]  # "keras" or "tf_keras", whichever tf.keras is
-    autocast = importlib.import_module(f"{package}.src.mixed_precision.autocast_variable")
-    return autocast.enable_auto_cast_variables(None)
+    return _keras_module("mixed_precision.autocast_variable").enable_auto_cast_variables(None)
 
 
 class Float32Quantizer(tfmot.quantization.keras.quantizers.Quantizer):
