@@ -224,12 +224,13 @@ def _float(value: Any, default: float) -> float:
 
 def finish_front(config: Any, distributed: Any, output_dir: Path, measure: Callable[..., Dict[str, Any]],
                  learner: Any, baseline_model: Any, dataset: Any, baseline: Any, outcome: Any,
-                 finetune_epochs: float) -> Dict[str, Any]:
+                 finetune_epochs: float, teacher_model: Any = None) -> Dict[str, Any]:
     """Fine-tune, finalize, export and measure every front model; write pareto.csv and pareto.png.
 
     ``measure(learner, model, dataset, baseline, outcome, directory=...)`` saves, exports and measures
     one model (the runner's, so a front model is measured like the best model of a plain run).
-    Every rank trains (training is collective under Horovod); rank 0 measures and writes.
+    Every rank trains (training is collective under Horovod); rank 0 measures and writes. Distillation
+    distils from ``teacher_model`` (default: the baseline).
     Returns ``{"pareto": summary, "best": fields or None, "reason": why no pick (or None)}``.
     """
     import optuna
@@ -249,7 +250,8 @@ def finish_front(config: Any, distributed: Any, output_dir: Path, measure: Calla
         number = member["number"]
         hparams = learner.search_space(optuna.trial.FixedTrial(member["params"]))
         candidate = learner.compress(hparams)
-        teacher = make_distiller(config.distillation, baseline_model, member["hyperparameters"].get("distillation"),
+        teacher = make_distiller(config.distillation, baseline_model if teacher_model is None else teacher_model,
+                                 member["hyperparameters"].get("distillation"),
                                  precision=learner.context.schedule.precision)
         if finetune_epochs > 0:
             log.info("Pareto model from trial %d: fine-tuning for %s epochs%s", number, finetune_epochs,

@@ -59,7 +59,7 @@ class Search:
     """One searcher process (or one Horovod job) working on a study."""
 
     def __init__(self, learner: Learner, baseline: tf.keras.Model, config: RunConfig, output_dir: Path,
-                 *, resume: bool, distributed: SingleProcess) -> None:
+                 *, resume: bool, distributed: SingleProcess, teacher: Optional[tf.keras.Model] = None) -> None:
         self.learner = learner
         self.baseline = baseline
         self.config = config
@@ -83,7 +83,8 @@ class Search:
                               f"options, so there is no front to search; use --objective accuracy")
         # Searched distillation T/alpha: every trial is fine-tuned briefly with its own values.
         self.distillation = config.distillation
-        self.distiller = (make_distiller(config.distillation, baseline, precision=learner.context.schedule.precision)
+        self.distiller = (make_distiller(config.distillation, baseline if teacher is None else teacher,
+                                         precision=learner.context.schedule.precision)
                           if searched(config.distillation) else None)
 
     # ------------------------------------------------------------------ study
@@ -401,6 +402,8 @@ def _format_counts(state: Dict[str, int]) -> str:
 
 
 def run_search(learner: Learner, baseline: tf.keras.Model, config: RunConfig, output_dir: Path, *,
-               resume: bool, distributed: SingleProcess) -> SearchOutcome:
+               resume: bool, distributed: SingleProcess, teacher: Optional[tf.keras.Model] = None) -> SearchOutcome:
+    """``teacher``: the model searched distillation distils from (default: the baseline)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Search(learner, baseline, config, output_dir, resume=resume, distributed=distributed).run()
+    return Search(learner, baseline, config, output_dir, resume=resume, distributed=distributed,
+                  teacher=teacher).run()

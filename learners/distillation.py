@@ -1,6 +1,7 @@
 """Knowledge distillation: a component (teacher + loss) that any learner's fine-tuning accepts.
 
-The teacher is the uncompressed baseline, frozen (called with ``training=False`` and behind
+The teacher is the uncompressed baseline (or a model file the user names, ``distillation.teacher``:
+a stronger net for the same task, see ``load_teacher``), frozen (called with ``training=False`` and behind
 ``stop_gradient``, so neither its weights nor its BatchNorm statistics move) and evaluated
 once per training batch on the same (augmented) images as the student. The loss is
 
@@ -38,9 +39,10 @@ import numpy as np
 import tensorflow as tf
 
 from pocketflow.config import AUTO, SEARCH, DistillationConfig, RunConfig
-from pocketflow.errors import ConfigError
+from pocketflow.errors import ConfigError, DataError
+from pocketflow.model_io import check_input_shape, load_user_model
 from pocketflow.precision import FLOAT32, mixed_twin, model_precision
-from pocketflow.training import LossFunction, outputs_probabilities, with_layer_outputs
+from pocketflow.training import LossFunction, accuracy, outputs_probabilities, with_layer_outputs
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +280,49 @@ def resolve_enabled(learner_class: type, config: RunConfig) -> RunConfig:
     if config.distillation.enabled != AUTO:
         return config
     enabled = bool(learner_class.searches and learner_class.distill_by_default)
+    if not enabled and config.distillation.teacher is not None:
+        raise ConfigError(f"distillation is off by default for learner '{learner_class.name}', so --teacher would not "
+                          f"be used; pass --distill too (or --set distillation.enabled=true)")
     if not enabled and (config.distillation.temperature == SEARCH or config.distillation.alpha == SEARCH):
         raise ConfigError(f"distillation is off by default for learner '{learner_class.name}', so its temperature "
                           f"or alpha cannot be searched; pass --distill (or --set distillation.enabled=true)")
     return dataclasses.replace(config, distillation=dataclasses.replace(config.distillation, enabled=enabled))
+
+
+# A named teacher that keeps less than this share of the baseline's lead over chance on validation is
+# refused: it almost surely expects other inputs (another normalization), and would teach noise.
+TEACHER_MINIMUM_SHARE = 0.5
+
+
+def load_teacher(config: DistillationConfig, baseline: tf.keras.Model, dataset: Any,
+                 trust: bool = False) -> Tuple[tf.keras.Model, Optional[Dict[str, Any]]]:
+    """The model to distil from, and what the report says of it (None for the baseline itself).
+
+    A named teacher must take the dataset's images and predict its classes, and is scored on the
+    validation split beside the baseline: one that scores below the baseline is used with a warning
+    (a weaker teacher rarely helps); one that keeps less than half of the baseline's lead over chance
+    is refused, since it most likely expects differently scaled inputs. Every Horovod rank loads and
+    checks the same file, so every rank reaches the same verdict."""
+    if config.enabled is not True or config.teacher is None:
+        return baseline, None
+    teacher = load_user_model(config.teacher, trust=trust, flag="--teacher")
+    check_input_shape(teacher, dataset.input_shape, dataset.num_classes, config.teacher,
+                      labels_from=dataset.labels_from)
+    teacher.trainable = False
+    scores = [accuracy(model, dataset.validation(256)) for model in (teacher, baseline)]
+    chance = 1.0 / dataset.num_classes
+    described = {"path": config.teacher, "validation_accuracy": scores[0], "baseline_validation_accuracy": scores[1]}
+    if scores[0] < chance + TEACHER_MINIMUM_SHARE * (scores[1] - chance):
+        raise DataError(f"teacher '{config.teacher}' scores {scores[0]:.2%} on validation against the baseline's "
+                        f"{scores[1]:.2%}: it probably expects other inputs (data.scale, data.mean, data.std); "
+                        f"pass a teacher trained with this run's input scaling, or drop --teacher")
+    if scores[0] < scores[1]:
+        log.warning("teacher '%s' scores %.2f%% on validation, below the baseline's %.2f%%: distilling from a "
+                    "weaker model rarely helps", config.teacher, 100 * scores[0], 100 * scores[1])
+    else:
+        log.info("teacher '%s': validation accuracy %.2f%% (baseline %.2f%%)", config.teacher, 100 * scores[0],
+                 100 * scores[1])
+    return teacher, described
 
 
 def check_run(learner_class: type, config: RunConfig) -> None:

@@ -46,6 +46,7 @@ FLAG_KEYS: Dict[str, str] = {
     "distill_temperature": "distillation.temperature",
     "distill_alpha": "distillation.alpha",
     "distill_features": "distillation.feature_weight",
+    "teacher": "distillation.teacher",
     "sparsity_pattern": "{learner}.pattern",  # weight-sparse only: an error with any other learner
     "bits": "{learner}.bits",  # the selected learner's section (uniform, weight-sparse)
     "export": "export.tflite",
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--distill-features", type=float, metavar="W",
                          help="weight of the feature term: the pruned model's residual joins reproduce the "
                               "teacher's on the channels kept (channel learner; 0 turns it off; default 0)")
+    distill.add_argument("--teacher", metavar="PATH",
+                         help="distil from this Keras model file instead of the baseline (a stronger net with the "
+                              "same inputs, classes and input scaling; its validation accuracy is checked first)")
 
     export = parser.add_argument_group("export")
     export.add_argument("--export", choices=["tflite", "none"], help="write and measure TFLite files "

@@ -175,10 +175,16 @@ class DistillationConfig:
     # Weight of the feature term, where the learner offers matched layers (channel pruning: the residual
     # blocks' outputs on the channels kept); 0 turns it off. learners/distillation.py says what it is.
     feature_weight: float = 0.0
+    # A Keras model file to distil from instead of the baseline (e.g. a deeper net trained on the same
+    # data with the same input scaling); None: the baseline. It must take the baseline's inputs and
+    # predict its classes; the run checks its validation accuracy against the baseline's before use.
+    teacher: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool) or self.enabled == AUTO, "distillation.enabled", self.enabled,
                "must be true, false or 'auto'")
+        _check(self.teacher is None or (isinstance(self.teacher, str) and self.teacher.strip() != ""),
+               "distillation.teacher", self.teacher, "must be the path of a Keras model file, or null")
         _check(isinstance(self.feature_weight, (int, float)) and not isinstance(self.feature_weight, bool)
                and self.feature_weight >= 0, "distillation.feature_weight", self.feature_weight, "must be a number >= 0")
         for name, value, rule in (("temperature", self.temperature, "a number > 0"),
@@ -198,6 +204,12 @@ class DistillationConfig:
             _check(ok, f"distillation.{name}", bounds,
                    "must be [low, high] with low < high" + (", low > 0" if positive else ", within [0, 1]"))
         _check(self.search_epochs > 0, "distillation.search_epochs", self.search_epochs, "must be > 0")
+        if self.teacher is not None and self.enabled is False:
+            raise ConfigError("--teacher names a model to distil from, but distillation is off (--no-distill or "
+                              "distillation.enabled=false); drop one of them")
+        if self.teacher is not None and self.feature_weight > 0:
+            raise ConfigError("--distill-features matches the student's layers with the baseline's by name, so it "
+                              "needs the baseline as teacher; drop --teacher or --distill-features")
 
 
 @dataclass(frozen=True)

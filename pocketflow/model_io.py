@@ -29,16 +29,17 @@ def _needs_unsafe_loading(error: BaseException) -> bool:
     return "safe_mode" in str(error) or "arbitrary code execution" in str(error)
 
 
-def load_user_model(path: str, trust: bool = False) -> tf.keras.Model:
+def load_user_model(path: str, trust: bool = False, flag: str = "--model") -> tf.keras.Model:
     """Load ``.h5``, ``.keras`` or a SavedModel directory as a plain Keras model.
 
     A model file is code: Lambda layers store Python that loading runs. That is refused unless
-    ``trust`` (``--trust-model``) says the file comes from a trusted source.
+    ``trust`` (``--trust-model``) says the file comes from a trusted source. ``flag`` is the option
+    that named the file, for the error messages.
     """
     location = Path(path)
     if not location.exists():
         raise DataError(f"model '{path}' does not exist; pass a .h5 or .keras file or a SavedModel "
-                        f"directory to --model")
+                        f"directory to {flag}")
     if location.is_dir() and not (location / "saved_model.pb").exists():
         raise DataError(f"model '{path}' is a directory without saved_model.pb; pass a SavedModel "
                         f"directory, a .h5 file or a .keras file")

@@ -151,7 +151,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
     for section in (best or {}).get("report_sections") or []:  # what the learner adds (Learner.describe)
         lines += ["", section["title"] + ":", ""] + [f"- {line}" for line in section["lines"]]
     if report.get("distillation"):
-        lines += ["", f"Fine-tuning distilled from the baseline: {report['distillation']}"]
+        distillation = dict(report["distillation"])
+        teacher = distillation.pop("teacher", None)
+        source = "the baseline" if teacher is None else (
+            f"`{teacher['path']}` (validation accuracy {teacher['validation_accuracy']:.2%}, baseline "
+            f"{teacher['baseline_validation_accuracy']:.2%})")
+        lines += ["", f"Fine-tuning distilled from {source}: {distillation}"]
     if report.get("pareto"):
         lines += _pareto_lines(report["pareto"])
     trials = report.get("trials") or {}

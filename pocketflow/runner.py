@@ -38,7 +38,7 @@ from pocketflow.shipping import write_ship_directory
 from hpo.pareto import check_run as check_pareto
 from hpo.results import SearchOutcome
 from hpo.targets import meets
-from learners.distillation import check_run as check_distillation, make_distiller, resolve_enabled
+from learners.distillation import check_run as check_distillation, load_teacher, make_distiller, resolve_enabled
 from pocketflow.precision import AUTO, BFLOAT16_WIDTH_MULTIPLE, hardware_bfloat16
 from pocketflow.training import DivergenceError, TrainSchedule, accuracy, resolve_schedule
 
@@ -327,6 +327,8 @@ class Runner:
             if config.model is None:
                 save_model(baseline_model, self.output_dir / "baseline.keras")
 
+        teacher_model, teacher_described = load_teacher(config.distillation, baseline_model, dataset,
+                                                        trust=config.trust_model)
         context = LearnerContext(
             dataset=dataset, schedule=schedule, target=config.target, distributed=distributed, seed=config.seed,
             baseline_macs=count_macs(baseline_model),
@@ -336,7 +338,7 @@ class Runner:
             threads=config.export.threads, latency_runs=config.export.latency_runs,
             finetune_epochs=self._finetune_epochs(schedule))
         learner: Learner = self.learner_class(self.options, context)
-        outcome = self._search_or_compress(learner, baseline_model, dataset)
+        outcome = self._search_or_compress(learner, baseline_model, teacher_model, dataset)
         self._partial.update(trials=outcome.trials, search=outcome.details)
 
         report = self._report_header("completed", dataset.name, source, outcome.trials,
@@ -352,18 +354,21 @@ class Runner:
 
         finetune_epochs = self._finetune_epochs(schedule)
         if outcome.front:  # --objective pareto: every front model is finished and listed
-            return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
+            return self._finish_front(learner, baseline_model, teacher_model, dataset, baseline, outcome, report,
                                       finetune_epochs, started)
         candidate = outcome.candidate
-        teacher = make_distiller(config.distillation, baseline_model, outcome.hyperparameters.get("distillation"),
+        teacher = make_distiller(config.distillation, teacher_model, outcome.hyperparameters.get("distillation"),
                                  precision=self.schedule.precision)
         if learner.searches and finetune_epochs > 0:
             log.info("fine-tuning the best candidate for %s epochs%s", finetune_epochs,
-                     f", distilled from the baseline (temperature {teacher.temperature:g}, weight of the "
-                     f"teacher's term {teacher.alpha:g})" if teacher else "")
+                     f", distilled from {'the baseline' if teacher_described is None else config.distillation.teacher}"
+                     f" (temperature {teacher.temperature:g}, weight of the teacher's term {teacher.alpha:g})"
+                     if teacher else "")
             candidate = learner.finetune(candidate, finetune_epochs, teacher=teacher)
             if teacher:
                 report["distillation"] = teacher.describe()
+                if teacher_described:
+                    report["distillation"]["teacher"] = teacher_described
         candidate = learner.finalize(candidate)
 
         missed = None
@@ -382,15 +387,15 @@ class Runner:
             raise TargetNotMetError(f"{missed}; the files are in {self.output_dir}, report.json says what they reach")
         return report
 
-    def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, dataset: Dataset,
-                      baseline: Optional[Measurement], outcome: SearchOutcome, report: Dict[str, Any],
-                      finetune_epochs: float, started: float) -> Dict[str, Any]:
+    def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, teacher_model: tf.keras.Model,
+                      dataset: Dataset, baseline: Optional[Measurement], outcome: SearchOutcome,
+                      report: Dict[str, Any], finetune_epochs: float, started: float) -> Dict[str, Any]:
         """--objective pareto: fine-tune, export and measure every front model (hpo/pareto.py); the
         report's ``best`` is the model picked by --pick-latency-ms/--pick-size-kb (else the most accurate)."""
         from hpo.pareto import finish_front
 
         finished = finish_front(self.config, self.distributed, self.output_dir, self._best_fields, learner,
-                                baseline_model, dataset, baseline, outcome, finetune_epochs)
+                                baseline_model, dataset, baseline, outcome, finetune_epochs, teacher_model=teacher_model)
         reason = finished["reason"]
         if finished["best"] is not None:  # the picked model is what ships: its target is re-checked on it
             finished["best"]["target_check"], missed = check_shipped(self.config.target.requested(),
@@ -416,7 +421,7 @@ class Runner:
                     if preprocess is not None else {"scale": 1.0})
         return write_ship_directory(self.output_dir, best, settings, missed)
 
-    def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model,
+    def _search_or_compress(self, learner: Learner, baseline_model: tf.keras.Model, teacher_model: tf.keras.Model,
                             dataset: Dataset) -> SearchOutcome:
         learner.prepare(baseline_model)  # every rank, before anything else the learner does
         if not learner.searches:
@@ -426,7 +431,7 @@ class Runner:
         from hpo.search import run_search  # the optimizer arrives with the search issue
 
         return run_search(learner, baseline_model, self.config, self.output_dir, resume=self.resume,
-                          distributed=self.distributed)
+                          distributed=self.distributed, teacher=teacher_model)
 
     def _resolved(self, schedule: TrainSchedule) -> RunConfig:
         """The configuration with the values this run uses in place of 'the net's default': the

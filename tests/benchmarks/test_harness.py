@@ -41,6 +41,13 @@ def test_the_shared_resnets_come_from_their_recipe_files_pointed_at_the_shared_d
     assert config.data.mean == (0.485, 0.456, 0.406) and config.data.std == (0.229, 0.224, 0.225)
 
 
+def test_other_shared_files_in_a_scenario_are_found_in_the_shared_folder():
+    arguments = SCENARIOS.get("resnet20-channel-3x-5ep-teacher56").arguments("/elsewhere/data")
+    data, source = merged_config_dict(build_parser().parse_args(["--learner", "channel", *arguments]))
+    config = build_run_config(data, LEARNERS.names(), source)
+    assert config.distillation.teacher == "/elsewhere/data/pretrained/resnet56_cifar10.h5"
+
+
 def test_quick_selection_needs_no_shared_data():
     quick = select([], quick=True, shared_available=False)
     assert quick and all(not s.needs_shared() and s.quick for s in quick)

@@ -301,3 +301,99 @@ def test_main_distill_with_searched_temperature_and_alpha(tmp_path, tmp_path_fac
     assert len(rows) == 2 and all("distill_temperature" in json.loads(row["params"]) for row in rows)
     assert "distilled from the baseline" in result.stderr
     assert "distillation:" in (out / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- a teacher other than the baseline
+
+
+def _fit(model: tf.keras.Model, batches: tf.data.Dataset, epochs: int) -> tf.keras.Model:
+    from pocketflow.training import outputs_probabilities
+    loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model))
+    model.compile(optimizer=tf.keras.optimizers.Adam(3e-3), loss=loss)
+    model.fit(batches, epochs=epochs, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def teacher_files(digits, tmp_path_factory):
+    """Saved digits CNNs: one trained on the true labels (the run's baseline), one trained with every 7
+    labelled 1 (a teacher whose advice is visible in what the student learns), one untrained."""
+    directory = tmp_path_factory.mktemp("teachers")
+    tf.keras.utils.set_random_seed(0)
+    batches = digits.train(32, shuffle=True, seed=0)
+    seven_is_one = batches.map(lambda x, y: (x, tf.where(tf.equal(y, 7), tf.ones_like(y), y)))
+    models = {"baseline": _fit(build_digits_cnn(digits.input_shape, digits.num_classes, width=16), batches, 15),
+              "seven_is_one": _fit(build_digits_cnn(digits.input_shape, digits.num_classes, width=16), seven_is_one,
+                                   15),
+              "untrained": build_digits_cnn(digits.input_shape, digits.num_classes, width=16)}
+    paths = {}
+    for name, model in models.items():
+        paths[name] = str(directory / f"{name}.keras")
+        model.save(paths[name])
+    return paths
+
+
+def test_the_teacher_option_is_checked_before_any_work():
+    from pocketflow.cli import build_parser, merged_config_dict
+    data, _ = merged_config_dict(build_parser().parse_args(["--learner", "channel", "--teacher", "big.keras"]))
+    assert build_run_config(data, LEARNERS.names()).distillation.teacher == "big.keras"
+    with pytest.raises(ConfigError, match=r"--teacher .* distillation is off .*drop one"):
+        build_run_config({"distillation": {"teacher": "big.keras", "enabled": False}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match=r"--distill-features .* baseline as teacher"):
+        build_run_config({"distillation": {"teacher": "big.keras", "feature_weight": 1.0}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match=r"distillation.teacher"):
+        build_run_config({"distillation": {"teacher": ""}}, LEARNERS.names())
+    uniform = build_run_config({"learner": "uniform", "distillation": {"teacher": "big.keras"}}, LEARNERS.names())
+    with pytest.raises(ConfigError, match=r"learner 'uniform'.*--teacher would not be used; pass --distill"):
+        resolve_enabled(LEARNERS.get("uniform"), uniform)
+
+
+def test_load_teacher_scores_the_teacher_and_refuses_one_that_expects_other_inputs(digits, teacher_files, caplog):
+    from learners.distillation import load_teacher
+    from pocketflow.errors import DataError
+    baseline = tf.keras.models.load_model(teacher_files["baseline"])
+    assert load_teacher(DistillationConfig(enabled=True), baseline, digits) == (baseline, None)  # no file: baseline
+    assert load_teacher(DistillationConfig(enabled=False), baseline, digits) == (baseline, None)
+
+    teacher, described = load_teacher(DistillationConfig(enabled=True, teacher=teacher_files["seven_is_one"]),
+                                      baseline, digits)
+    assert teacher is not baseline and not teacher.trainable
+    assert described["path"] == teacher_files["seven_is_one"]
+    # about one class in ten is taught wrong: below the baseline, well above chance
+    assert 0.5 < described["validation_accuracy"] < described["baseline_validation_accuracy"] - 0.05
+    assert "below the baseline" in caplog.text
+
+    with pytest.raises(DataError, match=r"scores .* on validation against the baseline's .*other inputs"):
+        load_teacher(DistillationConfig(enabled=True, teacher=teacher_files["untrained"]), baseline, digits)
+    with pytest.raises(DataError, match=r"model 'missing.keras' does not exist; .* to --teacher"):
+        load_teacher(DistillationConfig(enabled=True, teacher="missing.keras"), baseline, digits)
+    seven_classes = build_digits_cnn(digits.input_shape, 7, width=4)
+    seven_classes.save(os.path.join(os.path.dirname(teacher_files["untrained"]), "seven.keras"))
+    with pytest.raises(DataError, match=r"predicts 7 classes but the dataset has 10"):
+        load_teacher(DistillationConfig(enabled=True, teacher=os.path.join(
+            os.path.dirname(teacher_files["untrained"]), "seven.keras")), baseline, digits)
+
+
+def test_main_distils_from_the_named_teacher(tmp_path, digits, teacher_files):
+    """The teacher that says every 7 is a 1, alone in the loss (alpha 1): the pruned model learns to call
+    the test set's 7s ones, which the baseline it was pruned from does not."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "main.py"), "--learner=channel", "--model", teacher_files["baseline"],
+               "--target-speedup", "1.5", "--trials", "1", "--finetune-epochs", "4", "--learning-rate", "0.5",
+               "--distill-alpha", "1.0", "--distill-temperature", "1", "--teacher", teacher_files["seven_is_one"],
+               "--latency-runs", "5", "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["distillation"]["teacher"]["path"] == teacher_files["seven_is_one"]
+    assert f"distilled from {teacher_files['seven_is_one']}" in result.stderr
+    assert "Fine-tuning distilled from `" in (out / "report.md").read_text()
+    images, labels = digits.test_arrays()
+    sevens = images[labels == 7]
+
+    def ones_among_sevens(path: str) -> float:
+        outputs = tf.keras.models.load_model(path, compile=False).predict(sevens, verbose=0)
+        return float(np.mean(np.argmax(outputs, axis=-1) == 1))
+
+    assert ones_among_sevens(teacher_files["baseline"]) < 0.1
+    assert ones_among_sevens(report["best"]["model_path"]) > 0.5
