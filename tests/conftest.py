@@ -20,13 +20,44 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(scope="session")
+def _default_baseline_file() -> str:
+    """The cache file name of the default job's baseline (the digits CNN, 30 epochs, seed 0), as the runner
+    resolves it on this machine (the key holds the schedule, whose precision depends on the CPU)."""
+    from learners import LEARNERS
+    from nets import NETS
+    from pocketflow.baseline import cache_key
+    from pocketflow.config import build_run_config
+    from pocketflow.runner import Runner
+
+    runner = Runner(build_run_config({"learner": "channel"}, LEARNERS.names()))
+    runner._resolve()  # decides from the configuration alone: nothing read or written
+    return f"{cache_key(NETS.get(runner.config.net), runner.config.data, runner.schedule, runner.config.seed)}.keras"
+
+
 @pytest.fixture(autouse=True)
-def _seeds(tmp_path, monkeypatch):
+def _seeds(tmp_path, tmp_path_factory, monkeypatch, _default_baseline_file):
+    """Fixed seeds, and a baseline cache of the test's own. About 25 end-to-end tests run the default job
+    (or a variant with the same baseline), and each would train the digits baseline again (about 40 s
+    on a 2-core CI machine): the first test that trains it leaves a copy for this worker, and later
+    tests start with that one file in their cache. Only that key is shared; every other cached file
+    (other baselines, width-cost curves) stays the test's own."""
+    import shutil
+
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(1234)
-    monkeypatch.setenv("POCKETFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    cache, warm = tmp_path / "cache", tmp_path_factory.getbasetemp() / "warm-baseline" / _default_baseline_file
+    if warm.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(warm, cache / _default_baseline_file)
+    monkeypatch.setenv("POCKETFLOW_CACHE_DIR", str(cache))
     yield
+    trained = cache / _default_baseline_file
+    if trained.exists() and not warm.exists():
+        warm.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(trained, warm.with_suffix(".partial"))
+        os.replace(warm.with_suffix(".partial"), warm)
     tf.keras.backend.clear_session()
 
 
