@@ -354,8 +354,8 @@ class Runner:
 
         finetune_epochs = self._finetune_epochs(schedule)
         if outcome.front:  # --objective pareto: every front model is finished and listed
-            return self._finish_front(learner, baseline_model, teacher_model, dataset, baseline, outcome, report,
-                                      finetune_epochs, started)
+            return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
+                                      finetune_epochs, started, teacher_model=teacher_model)
         candidate = outcome.candidate
         teacher = make_distiller(config.distillation, teacher_model, outcome.hyperparameters.get("distillation"),
                                  precision=self.schedule.precision)
@@ -387,9 +387,10 @@ class Runner:
             raise TargetNotMetError(f"{missed}; the files are in {self.output_dir}, report.json says what they reach")
         return report
 
-    def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, teacher_model: tf.keras.Model,
-                      dataset: Dataset, baseline: Optional[Measurement], outcome: SearchOutcome,
-                      report: Dict[str, Any], finetune_epochs: float, started: float) -> Dict[str, Any]:
+    def _finish_front(self, learner: Learner, baseline_model: tf.keras.Model, dataset: Dataset,
+                      baseline: Optional[Measurement], outcome: SearchOutcome, report: Dict[str, Any],
+                      finetune_epochs: float, started: float,
+                      teacher_model: Optional[tf.keras.Model] = None) -> Dict[str, Any]:
         """--objective pareto: fine-tune, export and measure every front model (hpo/pareto.py); the
         report's ``best`` is the model picked by --pick-latency-ms/--pick-size-kb (else the most accurate)."""
         from hpo.pareto import finish_front

@@ -36,7 +36,7 @@ def _default_baseline_file() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seeds(tmp_path, tmp_path_factory, monkeypatch, _default_baseline_file):
+def _seeds(tmp_path_factory, monkeypatch, _default_baseline_file):
     """Fixed seeds, and a baseline cache of the test's own. About 25 end-to-end tests run the default job
     (or a variant with the same baseline), and each would train the digits baseline again (about 40 s
     on a 2-core CI machine): the first test that trains it leaves a copy for this worker, and later
@@ -47,9 +47,10 @@ def _seeds(tmp_path, tmp_path_factory, monkeypatch, _default_baseline_file):
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(1234)
-    cache, warm = tmp_path / "cache", tmp_path_factory.getbasetemp() / "warm-baseline" / _default_baseline_file
+    # Beside the test's tmp_path, not in it: tests list what their tmp_path holds.
+    cache = tmp_path_factory.mktemp("cache")
+    warm = tmp_path_factory.getbasetemp() / "warm-baseline" / _default_baseline_file
     if warm.exists():
-        cache.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(warm, cache / _default_baseline_file)
     monkeypatch.setenv("POCKETFLOW_CACHE_DIR", str(cache))
     yield

@@ -113,7 +113,8 @@ def test_the_picked_model_is_rechecked_against_the_target(tmp_path, monkeypatch)
     config = build_run_config({"learner": "channel", "target": {"speedup": 2.0}, "hpo": {"objective": "pareto"},
                                "output_dir": str(tmp_path)}, LEARNERS.names())
     picked = {"trial": 3, "speedup": 1.8, "accuracy": 0.9}
-    monkeypatch.setattr(hpo.pareto, "finish_front", lambda *args: {"pareto": {}, "best": dict(picked), "reason": None})
+    monkeypatch.setattr(hpo.pareto, "finish_front", lambda *args, **options: {"pareto": {}, "best": dict(picked),
+                                                                               "reason": None})
     runner = Runner(config, distributed=SingleProcess())
     runner.output_dir = tmp_path
     report = {"status": "completed"}
