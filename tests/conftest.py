@@ -37,11 +37,12 @@ def _default_baseline_file() -> str:
 
 @pytest.fixture(autouse=True)
 def _seeds(tmp_path_factory, monkeypatch, _default_baseline_file):
-    """Fixed seeds, and a baseline cache of the test's own. About 25 end-to-end tests run the default job
-    (or a variant with the same baseline), and each would train the digits baseline again (about 40 s
-    on a 2-core CI machine): the first test that trains it leaves a copy for this worker, and later
-    tests start with that one file in their cache. Only that key is shared; every other cached file
-    (other baselines, width-cost curves) stays the test's own."""
+    """Fixed seeds, and a baseline cache of the test's own. About 20 end-to-end tests run the default job
+    (or a variant with the same baseline: 19 per-test caches held it after a clean-clone run), and each
+    would train the digits baseline again (35-45 s on a 2-core AVX2 machine): the first test that
+    trains it leaves a copy for this worker, and later tests start with that one file in their cache.
+    Only that key is shared; every other cached file (other baselines, width-cost curves) stays the
+    test's own."""
     import shutil
 
     import tensorflow as tf
