@@ -20,6 +20,25 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _cpu_share(request, tmp_path_factory):
+    """Tests marked `exclusive` time things (a latency ratio, a width-cost curve against real files), and
+    the suite's other worker sharing the 2 cores swings one sitting's timings past their bands (CI, an
+    AVX2 machine: a curve measured with width 24 as slow as 32, predictions 30% off). A file lock in
+    the workers' shared temporary directory: every test holds it shared, an exclusive test holds it
+    alone, so it waits for the other worker's test in progress to end and that worker waits for it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's basetemp is popen-gwN inside the run's own directory
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    path = root / "cpu-share.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def _default_baseline_file() -> str:
     """The cache file name of the default job's baseline (the digits CNN, 30 epochs, seed 0), as the runner
@@ -36,7 +55,7 @@ def _default_baseline_file() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seeds(tmp_path_factory, monkeypatch, _default_baseline_file):
+def _seeds(_cpu_share, tmp_path_factory, monkeypatch, _default_baseline_file):
     """Fixed seeds, and a baseline cache of the test's own. About 20 end-to-end tests run the default job
     (or a variant with the same baseline: 19 per-test caches held it after a clean-clone run), and each
     would train the digits baseline again (35-45 s on a 2-core AVX2 machine): the first test that
