@@ -20,6 +20,56 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+# Measured seconds per file in a clean-clone run on a 2-core AVX2 machine (2026-12-05; test_chain.py and
+# test_chain_targets.py were one file then, 658 s). With two workers taking whole files, the longest go
+# first so that no worker is left alone with a long file at the end (in that run one worker idled
+# through the last few minutes).
+LONGEST_FILES = (
+    "tests/reliability/test_interrupt_and_resume.py",  # 376
+    "tests/learners/test_chain_targets.py",  # about 330
+    "tests/learners/test_chain.py",  # about 330
+    "tests/integration/test_horovod.py",  # 333
+    "tests/integration/test_channel_search.py",  # about 300
+    "tests/integration/test_cli.py",  # 203
+    "tests/learners/test_lifecycle.py",  # 177
+    "tests/learners/test_distillation.py",  # 162
+    "tests/hpo/test_pareto.py",  # 152
+    "tests/learners/test_nonuniform_quantization.py",  # 133
+    "tests/learners/test_weight_sparsification.py",  # 125
+    "tests/learners/test_channel_learner.py",  # 96
+    "tests/learners/test_mixed_precision.py",  # 88
+    "tests/nets/test_nets.py",  # 81
+    "tests/learners/test_uniform_quantization.py",  # 74
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The longest files first, then the rest in their order, and files with an `exclusive` test last:
+    by then the other worker is in short files, so the wait for the cores is seconds, not a whole
+    end-to-end run (first in line, one such test waited 113 s), and the default baseline is warm.
+    Every worker sorts the same collection the same way, as pytest-xdist requires."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    exclusive_files = {file_of(item) for item in items if item.get_closest_marker("exclusive")}
+    order = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+
+    def rank(indexed):
+        position, item = indexed
+        name = file_of(item)
+        return (name in exclusive_files, order.get(name, len(order)), position)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=rank)]
+
+
+def _run_directory(tmp_path_factory) -> Path:
+    """The temporary directory of this whole pytest run, which every xdist worker sees."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's basetemp is popen-gwN inside the run's own directory
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _cpu_share(request, tmp_path_factory):
     """Tests marked `exclusive` time things (a latency ratio, a width-cost curve against real files), and
@@ -29,11 +79,8 @@ def _cpu_share(request, tmp_path_factory):
     alone, so it waits for the other worker's test in progress to end and that worker waits for it."""
     import fcntl
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # each worker's basetemp is popen-gwN inside the run's own directory
     exclusive = request.node.get_closest_marker("exclusive") is not None
-    path = root / "cpu-share.lock"
+    path = _run_directory(tmp_path_factory) / "cpu-share.lock"
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield path
@@ -59,7 +106,8 @@ def _seeds(_cpu_share, tmp_path_factory, monkeypatch, _default_baseline_file):
     """Fixed seeds, and a baseline cache of the test's own. About 20 end-to-end tests run the default job
     (or a variant with the same baseline: 19 per-test caches held it after a clean-clone run), and each
     would train the digits baseline again (35-45 s on a 2-core AVX2 machine): the first test that
-    trains it leaves a copy for this worker, and later tests start with that one file in their cache.
+    trains it leaves a copy for the whole run (both workers), and later tests start with that one file in
+    their cache.
     Only that key is shared; every other cached file (other baselines, width-cost curves) stays the
     test's own."""
     import shutil
@@ -69,7 +117,7 @@ def _seeds(_cpu_share, tmp_path_factory, monkeypatch, _default_baseline_file):
     tf.keras.utils.set_random_seed(1234)
     # Beside the test's tmp_path, not in it: tests list what their tmp_path holds.
     cache = tmp_path_factory.mktemp("cache")
-    warm = tmp_path_factory.getbasetemp() / "warm-baseline" / _default_baseline_file
+    warm = _run_directory(tmp_path_factory) / "warm-baseline" / _default_baseline_file
     if warm.exists():
         shutil.copyfile(warm, cache / _default_baseline_file)
     monkeypatch.setenv("POCKETFLOW_CACHE_DIR", str(cache))
@@ -77,8 +125,9 @@ def _seeds(_cpu_share, tmp_path_factory, monkeypatch, _default_baseline_file):
     trained = cache / _default_baseline_file
     if trained.exists() and not warm.exists():
         warm.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(trained, warm.with_suffix(".partial"))
-        os.replace(warm.with_suffix(".partial"), warm)
+        partial = warm.with_suffix(f".{os.getpid()}.partial")  # both workers may write it at once
+        shutil.copyfile(trained, partial)
+        os.replace(partial, warm)
     tf.keras.backend.clear_session()
 
 
