@@ -20,26 +20,28 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
-# Measured seconds per file in a clean-clone run on a 2-core AVX2 machine (2026-12-05; test_chain.py and
-# test_chain_targets.py were one file then, 658 s). With two workers taking whole files, the longest go
-# first so that no worker is left alone with a long file at the end (in that run one worker idled
-# through the last few minutes).
+# Seconds per file measured in a clean-clone run on a 2-core AVX2 machine (2026-12-05, commit 35ba6b6,
+# 29.6 minutes). With two workers taking whole files, the longest go first so that no worker is left
+# alone with a long file at the end (pytest-xdist's own order, by number of tests, left the end-to-end
+# files for last: 34.1 minutes the run before).
 LONGEST_FILES = (
-    "tests/reliability/test_interrupt_and_resume.py",  # 376
-    "tests/learners/test_chain_targets.py",  # about 330
-    "tests/learners/test_chain.py",  # about 330
-    "tests/integration/test_horovod.py",  # 333
-    "tests/integration/test_channel_search.py",  # about 300
-    "tests/integration/test_cli.py",  # 203
-    "tests/learners/test_lifecycle.py",  # 177
-    "tests/learners/test_distillation.py",  # 162
-    "tests/hpo/test_pareto.py",  # 152
-    "tests/learners/test_nonuniform_quantization.py",  # 133
-    "tests/learners/test_weight_sparsification.py",  # 125
-    "tests/learners/test_channel_learner.py",  # 96
-    "tests/learners/test_mixed_precision.py",  # 88
-    "tests/nets/test_nets.py",  # 81
-    "tests/learners/test_uniform_quantization.py",  # 74
+    "tests/learners/test_chain_targets.py",  # 427
+    "tests/integration/test_horovod.py",  # 310 (its chain's baseline now trains 8 epochs, not 30: -29 s)
+    "tests/reliability/test_interrupt_and_resume.py",  # 292
+    "tests/integration/test_channel_search.py",  # 249
+    "tests/learners/test_lifecycle.py",  # 191
+    "tests/learners/test_chain.py",  # 159
+    "tests/learners/test_distillation.py",  # 151
+    "tests/integration/test_cli.py",  # 143
+    "tests/learners/test_nonuniform_quantization.py",  # 139
+    "tests/learners/test_weight_sparsification.py",  # 139
+    "tests/hpo/test_pareto.py",  # 129
+    "tests/reliability/test_resume_determinism.py",  # 84
+    "tests/learners/test_mixed_precision.py",  # 84
+    "tests/learners/test_product_quantization.py",  # 75
+    "tests/learners/test_uniform_quantization.py",  # 73
+    "tests/nets/test_nets.py",  # 65
+    "tests/learners/test_channel_learner.py",  # 61
 )
 
 

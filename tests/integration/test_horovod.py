@@ -236,10 +236,12 @@ def test_a_chain_on_two_horovod_processes_reports_once_and_trains_every_stage_wi
     """channel+uniform on two ranks: the channel search, the pruning's fine-tuning and the int8 stage's QAT
     run on both, in step (same weights, BatchNorm statistics too, averaged losses); an overall compression
     at fixed bits is split the same on both (the pruning's budget is sized on every rank); only rank 0
-    speaks and writes. (One run covers the single learner's path too: the chain's first stage is it.)"""
+    speaks and writes. (One run covers the single learner's path too: the chain's first stage is it.) The
+    baseline trains for 8 epochs, not the digits recipe's 30: the ranks' lockstep shows in the first step."""
     begin = time.time()
     result, out, records = _run_two_ranks(tmp_path, "--learner=channel+uniform", "--target-speedup=2", "--trials",
-                                          "3", "--finetune-epochs", "1", "--target-bits=8", "--target-compression=8",
+                                          "3", "--epochs", "8", "--finetune-epochs", "1", "--target-bits=8",
+                                          "--target-compression=8",
                                           "--set", "uniform.compare_dynamic=false",
                                           "--set", "uniform.representative_samples=32")
     output = result.stdout + result.stderr
