@@ -72,20 +72,26 @@ def _run_directory(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _cpu_share(request, tmp_path_factory):
+def cpu_share_lock_path(config) -> Path:
+    """The lock file of the suite's CPU share, in the run's own temporary directory (every xdist worker
+    sees it; pytest removes it with the run's other old directories)."""
+    return _run_directory(config._tmp_path_factory) / "cpu-share.lock"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
     """Tests marked `exclusive` time things (a latency ratio, a width-cost curve against real files), and
     the suite's other worker sharing the 2 cores swings one sitting's timings past their bands (CI, an
-    AVX2 machine: a curve measured with width 24 as slow as 32, predictions 30% off). A file lock in
-    the workers' shared temporary directory: every test holds it shared, an exclusive test holds it
-    alone, so it waits for the other worker's test in progress to end and that worker waits for it."""
+    AVX2 machine: a curve measured with width 24 as slow as 32, predictions 30% off). A file lock: every
+    test holds it shared, an exclusive test holds it alone, so it waits for the other worker's test in
+    progress to end and that worker waits for it. Held over the test's whole protocol, so a module's
+    fixtures (reference runs) set up or torn down with a test count as that test's work."""
     import fcntl
 
-    exclusive = request.node.get_closest_marker("exclusive") is not None
-    path = _run_directory(tmp_path_factory) / "cpu-share.lock"
-    with open(path, "a") as handle:
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with open(cpu_share_lock_path(item.config), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield path
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +110,7 @@ def _default_baseline_file() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _seeds(_cpu_share, tmp_path_factory, monkeypatch, _default_baseline_file):
+def _seeds(tmp_path_factory, monkeypatch, _default_baseline_file):
     """Fixed seeds, and a baseline cache of the test's own. About 20 end-to-end tests run the default job
     (or a variant with the same baseline: 19 per-test caches held it after a clean-clone run), and each
     would train the digits baseline again (35-45 s on a 2-core AVX2 machine): the first test that

@@ -6,6 +6,8 @@ import fcntl
 
 import pytest
 
+from tests.conftest import cpu_share_lock_path
+
 
 def _can_take(path, kind) -> bool:
     """Whether another open of the lock file (as another worker would) gets `kind` now, without waiting."""
@@ -18,11 +20,11 @@ def _can_take(path, kind) -> bool:
         return True
 
 
-def test_an_ordinary_test_shares_the_cores_but_keeps_an_exclusive_one_waiting(_cpu_share):
-    assert _can_take(_cpu_share, fcntl.LOCK_SH)
-    assert not _can_take(_cpu_share, fcntl.LOCK_EX)
+def test_an_ordinary_test_shares_the_cores_but_keeps_an_exclusive_one_waiting(pytestconfig):
+    assert _can_take(cpu_share_lock_path(pytestconfig), fcntl.LOCK_SH)
+    assert not _can_take(cpu_share_lock_path(pytestconfig), fcntl.LOCK_EX)
 
 
 @pytest.mark.exclusive
-def test_an_exclusive_test_keeps_every_other_test_waiting(_cpu_share):
-    assert not _can_take(_cpu_share, fcntl.LOCK_SH)
+def test_an_exclusive_test_keeps_every_other_test_waiting(pytestconfig):
+    assert not _can_take(cpu_share_lock_path(pytestconfig), fcntl.LOCK_SH)
