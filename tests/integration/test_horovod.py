@@ -237,7 +237,7 @@ def test_a_chain_on_two_horovod_processes_reports_once_and_trains_every_stage_wi
     run on both, in step (same weights, BatchNorm statistics too, averaged losses); an overall compression
     at fixed bits is split the same on both (the pruning's budget is sized on every rank); only rank 0
     speaks and writes. (One run covers the single learner's path too: the chain's first stage is it.) The
-    baseline trains for 8 epochs, not the digits recipe's 30: the ranks' lockstep shows in the first step."""
+    baseline trains for 8 epochs, not the digits recipe's 30: the same checks of lockstep, on fewer steps."""
     begin = time.time()
     result, out, records = _run_two_ranks(tmp_path, "--learner=channel+uniform", "--target-speedup=2", "--trials",
                                           "3", "--epochs", "8", "--finetune-epochs", "1", "--target-bits=8",

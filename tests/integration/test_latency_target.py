@@ -7,19 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.reliability.common import main_command
 from tests.verify_run import assert_report_matches_files
 
 pytestmark = pytest.mark.integration
-
-
-def main_command(*args: str) -> list:
-    return [sys.executable, str(ROOT / "main.py"), "--learner=channel", *args]
 
 
 @pytest.mark.exclusive
@@ -33,9 +29,9 @@ def test_a_latency_target_is_met_by_the_shipped_file_timed_against_the_baseline(
     directory, and the second sitting must meet it."""
     for attempt in ("latency", "latency-again"):
         out = tmp_path / attempt
-        result = subprocess.run(main_command("--target-latency-speedup=1.3", "--trials", "4", "--finetune-epochs",
-                                             "1", "--output-dir", str(out)), capture_output=True, text=True,
-                                timeout=600, cwd=ROOT)
+        result = subprocess.run(main_command("--learner=channel", "--target-latency-speedup=1.3", "--trials", "4",
+                                             "--finetune-epochs", "1", "--output-dir", str(out)),
+                                capture_output=True, text=True, timeout=600, cwd=ROOT)
         if not (result.returncode == 3 and "latency_speedup 1.3 requested" in result.stderr):
             break
     assert result.returncode == 0, result.stderr[-3000:]
