@@ -11,7 +11,6 @@ import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,19 +20,20 @@ import yaml
 from learners.channel_pruning.learner import ChannelConfig
 from tests.conftest import ROOT
 from tests.loading import check_load_line
+from tests.reliability.common import main_command
 from tests.verify_run import assert_report_matches_files, assert_search_summary_matches_trials
 
 pytestmark = pytest.mark.integration
 
 
-def main_command(*args: str) -> list:
-    return [sys.executable, str(ROOT / "main.py"), "--learner=channel", *args]
+def channel_command(*args: str) -> list:
+    return main_command("--learner=channel", *args)
 
 
 def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tmp_path):
     out = tmp_path / "run"
     begin = time.time()
-    result = subprocess.run(main_command("--target-speedup=2.5", "--output-dir", str(out)), capture_output=True,
+    result = subprocess.run(channel_command("--target-speedup=2.5", "--output-dir", str(out)), capture_output=True,
                             text=True, timeout=600, cwd=ROOT)
     seconds = time.time() - begin
     assert result.returncode == 0, result.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
 
 def test_impossible_target_exits_3_with_a_report(tmp_path):
     out = tmp_path / "impossible"
-    result = subprocess.run(main_command("--target-speedup=1000", "--trials", "3", "--output-dir", str(out)),
+    result = subprocess.run(channel_command("--target-speedup=1000", "--trials", "3", "--output-dir", str(out)),
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -110,7 +110,7 @@ def _completed(database) -> int:
 def test_kill_9_during_the_search_then_resume_loses_nothing(tmp_path):
     out = tmp_path / "killed"
     arguments = ("--target-speedup=2.0", "--trials", "8", "--finetune-epochs", "1", "--output-dir", str(out))
-    process = subprocess.Popen(main_command(*arguments), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    process = subprocess.Popen(channel_command(*arguments), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                cwd=ROOT)
     deadline = time.time() + 300
     while _completed(out / "study.db") < 3 and time.time() < deadline and process.poll() is None:
@@ -121,7 +121,7 @@ def test_kill_9_during_the_search_then_resume_loses_nothing(tmp_path):
     done_before = _completed(out / "study.db")
     assert 3 <= done_before < 8
 
-    result = subprocess.run(main_command(*arguments, "--resume"), capture_output=True, text=True, timeout=600,
+    result = subprocess.run(channel_command(*arguments, "--resume"), capture_output=True, text=True, timeout=600,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     with sqlite3.connect(out / "study.db") as connection:
