@@ -156,7 +156,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
         source = "the baseline" if teacher is None else (
             f"`{teacher['path']}` (validation accuracy {teacher['validation_accuracy']:.2%}, baseline "
             f"{teacher['baseline_validation_accuracy']:.2%})")
-        lines += ["", f"Fine-tuning distilled from {source}: {distillation}"]
+        settings = f": {distillation}" if distillation else " (each front model's temperature and weight: pareto.csv)"
+        lines += ["", f"Fine-tuning distilled from {source}{settings}"]
     if report.get("pareto"):
         lines += _pareto_lines(report["pareto"])
     trials = report.get("trials") or {}

@@ -354,6 +354,8 @@ class Runner:
 
         finetune_epochs = self._finetune_epochs(schedule)
         if outcome.front:  # --objective pareto: every front model is finished and listed
+            if teacher_described:  # each front row gives its own temperature and weight; the file is shared
+                report["distillation"] = {"teacher": teacher_described}
             return self._finish_front(learner, baseline_model, dataset, baseline, outcome, report,
                                       finetune_epochs, started, teacher_model=teacher_model)
         candidate = outcome.candidate

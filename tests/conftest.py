@@ -29,9 +29,9 @@ LONGEST_FILES = (
     "tests/integration/test_horovod.py",  # 310 (its chain's baseline now trains 8 epochs, not 30: -29 s)
     "tests/reliability/test_interrupt_and_resume.py",  # 292
     "tests/integration/test_channel_search.py",  # 249
+    "tests/learners/test_distillation.py",  # 151, and about 60 more since its Pareto teacher test (not in that run)
     "tests/learners/test_lifecycle.py",  # 191
     "tests/learners/test_chain.py",  # 159
-    "tests/learners/test_distillation.py",  # 151
     "tests/integration/test_cli.py",  # 143
     "tests/learners/test_nonuniform_quantization.py",  # 139
     "tests/learners/test_weight_sparsification.py",  # 139

@@ -374,26 +374,48 @@ def test_load_teacher_scores_the_teacher_and_refuses_one_that_expects_other_inpu
             os.path.dirname(teacher_files["untrained"]), "seven.keras")), baseline, digits)
 
 
-def test_main_distils_from_the_named_teacher(tmp_path, digits, teacher_files):
-    """The teacher that says every 7 is a 1, alone in the loss (alpha 1): the pruned model learns to call
-    the test set's 7s ones, which the baseline it was pruned from does not."""
-    out = tmp_path / "run"
+def _distil_from_seven_is_one(out, teacher_files, *options: str) -> subprocess.CompletedProcess:
+    """The channel job on the digits baseline, distilled from the teacher that says every 7 is a 1, alone
+    in the loss (alpha 1), hard enough that the student takes the teacher's mistake."""
     command = [sys.executable, str(ROOT / "main.py"), "--learner=channel", "--model", teacher_files["baseline"],
-               "--target-speedup", "1.5", "--trials", "1", "--finetune-epochs", "4", "--learning-rate", "0.5",
+               "--target-speedup", "1.5", "--finetune-epochs", "4", "--learning-rate", "0.5",
                "--distill-alpha", "1.0", "--distill-temperature", "1", "--teacher", teacher_files["seven_is_one"],
-               "--latency-runs", "5", "--output-dir", str(out)]
+               "--latency-runs", "5", "--output-dir", str(out), *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _ones_among_sevens(digits, path: str) -> float:
+    images, labels = digits.test_arrays()
+    outputs = tf.keras.models.load_model(path, compile=False).predict(images[labels == 7], verbose=0)
+    return float(np.mean(np.argmax(outputs, axis=-1) == 1))
+
+
+def test_main_distils_from_the_named_teacher(tmp_path, digits, teacher_files):
+    """The pruned model learns to call the test set's 7s ones, which the baseline it was pruned from does not."""
+    out = tmp_path / "run"
+    result = _distil_from_seven_is_one(out, teacher_files, "--trials", "1")
     report = json.loads((out / "report.json").read_text())
     assert report["distillation"]["teacher"]["path"] == teacher_files["seven_is_one"]
     assert f"distilled from {teacher_files['seven_is_one']}" in result.stderr
     assert "Fine-tuning distilled from `" in (out / "report.md").read_text()
-    images, labels = digits.test_arrays()
-    sevens = images[labels == 7]
+    assert _ones_among_sevens(digits, teacher_files["baseline"]) < 0.1
+    assert _ones_among_sevens(digits, report["best"]["model_path"]) > 0.5
 
-    def ones_among_sevens(path: str) -> float:
-        outputs = tf.keras.models.load_model(path, compile=False).predict(sevens, verbose=0)
-        return float(np.mean(np.argmax(outputs, axis=-1) == 1))
 
-    assert ones_among_sevens(teacher_files["baseline"]) < 0.1
-    assert ones_among_sevens(report["best"]["model_path"]) > 0.5
+def test_every_pareto_front_model_distils_from_the_named_teacher(tmp_path, digits, teacher_files):
+    """--objective pareto fine-tunes each front model on its own path (hpo/pareto.py): each one learns the
+    named teacher's mistake, and the report names the teacher once for the front."""
+    out = tmp_path / "run"
+    _distil_from_seven_is_one(out, teacher_files, "--objective", "pareto", "--trials", "4",
+                              "--set", "pareto.min_models=2", "--set", "pareto.max_models=2")
+    report = json.loads((out / "report.json").read_text())
+    assert report["distillation"] == {"teacher": report["distillation"]["teacher"]}
+    assert report["distillation"]["teacher"]["path"] == teacher_files["seven_is_one"]
+    assert "Fine-tuning distilled from `" in (out / "report.md").read_text()
+    rows = report["pareto"]["rows"]
+    assert len(rows) + len(report["pareto"]["dropped_after_finetuning"]) >= 2  # two models fine-tuned
+    for row in rows:
+        assert row["distillation"] == {"temperature": 1.0, "alpha": 1.0}
+        assert _ones_among_sevens(digits, row["model_path"]) > 0.5, row["trial"]
