@@ -32,7 +32,6 @@ from learners.distillation import Distiller, distillation_loss
 from learners.uniform_quantization.options import (  # noqa: F401 - the options are part of this API
     DEFAULT_LOW_BITS, INT8_BITS, INT8_COMPRESSION_LIMIT, UniformConfig,
 )
-from learners.uniform_quantization.qat import calibrate, copy_back, float_layers, quantize_aware, tensor_dtypes
 from pocketflow.config import TargetConfig
 from pocketflow.errors import ConfigError
 from pocketflow.export import TFLiteMeasurement, TFLiteModel, convert, tflite_accuracy, write_atomic
@@ -40,6 +39,13 @@ from pocketflow.metrics import count_params
 from pocketflow.training import from_trained, train
 
 log = logging.getLogger(__name__)
+
+
+def _qat():
+    """The QAT module, imported when a run first quantizes: it loads tensorflow-model-optimization (and
+    Keras 3 behind it), seconds that every other learner's run would otherwise pay at start-up."""
+    from learners.uniform_quantization import qat
+    return qat
 
 
 @dataclass
@@ -105,8 +111,8 @@ class UniformQuantizationLearner(Learner):
         representative = self._representative()[:8]
         sizes = [len(convert(self.baseline, "int8", representative))]
         if self.options.trains:
-            qat_model, _ = quantize_aware(self.baseline)
-            calibrate(qat_model, self.baseline, representative)
+            qat_model, _ = _qat().quantize_aware(self.baseline)
+            _qat().calibrate(qat_model, self.baseline, representative)
             sizes.append(len(convert(qat_model, "int8", representative)))
         return max(sizes)
 
@@ -125,9 +131,9 @@ class UniformQuantizationLearner(Learner):
         model = self.baseline
         if not hparams.trains:
             return Candidate(model, hparams)
-        qat_model, left_float = quantize_aware(model)
+        qat_model, left_float = _qat().quantize_aware(model)
         samples = self.context.dataset.sample_train(self.options.representative_samples, seed=self.context.seed)
-        calibrate(qat_model, model, samples)
+        _qat().calibrate(qat_model, model, samples)
         return Candidate(qat_model, hparams, state=QatState(qat_model, left_float))
 
     def finetune(self, candidate: Candidate, epochs: float, teacher: Optional[Distiller] = None) -> Candidate:
@@ -159,7 +165,7 @@ class UniformQuantizationLearner(Learner):
                             "post-training file (and its float model, the baseline)", state.validation["qat"],
                             state.validation["ptq"])
                 return candidate.with_model(self.baseline)
-        return candidate.with_model(copy_back(state.qat_model, self.baseline))
+        return candidate.with_model(_qat().copy_back(state.qat_model, self.baseline))
 
     def _int8_validation(self, state: QatState) -> Dict[str, float]:
         """Validation accuracy of the QAT int8 file and of the baseline's post-training int8 file (both
@@ -220,7 +226,7 @@ class UniformQuantizationLearner(Learner):
         fields.update(
             artifact_path=shipped.path, artifact_bytes=shipped.bytes, shipped_format="int8 TFLite",
             tflite_path=shipped.path, tflite_accuracy=shipped.accuracy, tflite_latency_ms=shipped.latency_ms,
-            int8_tensors=tensor_dtypes(shipped.path), bits=INT8_BITS,
+            int8_tensors=_qat().tensor_dtypes(shipped.path), bits=INT8_BITS,
         )
         log.info("shipped int8 TFLite (%s): accuracy %.4f, %.1f KB; post-training int8 %.4f",
                  fields["shipped_method"], shipped.accuracy, shipped.bytes / 1024, ptq.accuracy)
@@ -229,4 +235,5 @@ class UniformQuantizationLearner(Learner):
     def describe(self, candidate: Candidate) -> Dict[str, Any]:
         state = candidate.state
         return {"method": "qat" if state is not None else "ptq",
-                "layers_left_float": list(state.left_float) if state is not None else float_layers(candidate.model)}
+                "layers_left_float": list(state.left_float) if state is not None
+                else _qat().float_layers(candidate.model)}
