@@ -9,18 +9,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from learners.channel_pruning.criteria import Criterion, l1_keep, register_criterion  # noqa: E402
+from learners.channel_pruning.criteria import L1Criterion, register_criterion  # noqa: E402
 from pocketflow.cli import main  # noqa: E402
 
 
 @register_criterion
-class L1RefitCriterion(Criterion):
+class L1RefitCriterion(L1Criterion):
     name = "l1refit"
-    needs_samples = False
     reconstructs = True
-
-    def keep(self, analysis, group, count, moments, centered):
-        return l1_keep(analysis, group, count)
 
 
 sys.exit(main())
