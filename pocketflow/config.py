@@ -432,6 +432,15 @@ def parse_section(cls: type, data: Any, prefix: str, source: str) -> Any:
         raise ConfigError(f"{error} (in {source})") from None
 
 
+def _spelled(hint: Any) -> str:
+    """The values a simple hint accepts, as a user writes them (for a union's one error); '' otherwise."""
+    if hint is bool:
+        return "true, false"
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(str(a) for a in typing.get_args(hint))
+    return ""
+
+
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against a type hint; convert where lossless (int -> float, list -> tuple)."""
     origin = typing.get_origin(hint)
@@ -446,6 +455,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
                 return _coerce(value, candidate, key, source)
             except ConfigError as error:
                 errors.append(error)
+        spelled = [_spelled(candidate) for candidate in inner]
+        if len(inner) > 1 and all(spelled):
+            raise ConfigError(f"{key} = {value!r} in {source} is not allowed; choose one of: {', '.join(spelled)}")
         raise errors[0]
     if dataclasses.is_dataclass(hint):
         return parse_section(hint, value, f"{key}.", source)

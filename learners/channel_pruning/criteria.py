@@ -10,6 +10,9 @@
 - ``energy``: the largest contributions to the readers' outputs (sampled feature maps, so the
   BatchNorm scale and the readers' weights count), kept with their own weights: no re-fit.
 
+Whether the readers of pruned channels are then re-fitted by least squares is each criterion's
+``reconstructs`` (LASSO and greedy yes, L1 and energy no), which ``channel.refit`` overrides.
+
 A new criterion is a ``Criterion`` subclass with a ``name`` and ``keep``, decorated with
 ``@register_criterion``; ``channel.criterion`` then accepts its name.
 """
@@ -40,8 +43,9 @@ class Criterion:
 
     def keep(self, analysis: ChannelAnalysis, group: str, count: int, moments: Mapping[str, _Moments],
              centered: bool) -> np.ndarray:
-        """Sorted indices of the ``count`` channels of ``group`` to keep. ``centered``: the readers
-        will be re-fitted with an intercept, so a constant shift of a contribution costs nothing."""
+        """Sorted indices of the ``count`` channels of ``group`` to keep. ``centered``: a constant shift
+        of a contribution costs nothing, since something after the pruning takes it up (the re-fit's
+        intercept, BatchNorm re-estimation, fine-tuning)."""
         raise NotImplementedError
 
 
@@ -97,8 +101,8 @@ def _contribution_gram(analysis: ChannelAnalysis, group: str, terminator: str,
                        moments: _Moments, centered: bool) -> np.ndarray:
     """G[c, d] = <Z_c, Z_d> / rows: products of channel c's and d's contributions to the output.
 
-    centered: the re-fit will absorb a constant shift (bias or BatchNorm mean), so only the
-    varying part of a contribution counts.
+    centered: a constant shift is absorbed after pruning (by the reader's bias or BatchNorm mean, re-fitted,
+    re-estimated or trained), so only the varying part of a contribution counts.
     """
     kernel = _flat_kernel(analysis.layer(terminator))
     channels = analysis.groups[group].channels
@@ -241,7 +245,7 @@ class EnergyCriterion(Criterion):
     reconstructs = False
 
     def keep(self, analysis, group, count, moments, centered):
-        energy = sum(np.diag(_contribution_gram(analysis, group, reader, moments[reader], centered=True))
+        energy = sum(np.diag(_contribution_gram(analysis, group, reader, moments[reader], centered=centered))
                      for reader in analysis.groups[group].terminators)
         order = np.argsort(-energy, kind="stable")
         return np.sort(order[:count])

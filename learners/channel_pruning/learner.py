@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
 from learners.base import Candidate, Learner, register_learner
-from learners.channel_pruning.criteria import CRITERIA
+from learners.channel_pruning.criteria import CRITERIA, criterion_named
 from learners.channel_pruning.graph import ChannelAnalysis, analyze
 from learners.channel_pruning.kinds import KIND_MERGE, KIND_TRANSPARENT
 from learners.channel_pruning.sampling import BaselineCache
@@ -76,6 +76,10 @@ class ChannelConfig:
     # sampled feature maps, no reconstruction; search: the optimizer chooses; or the name of a criterion
     # registered with register_criterion.
     criterion: str = "auto"
+    # Re-fit the readers of pruned channels by least squares after the selection: auto (the criterion's
+    # own way: after lasso and greedy, not after l1 and energy), true, or false. LASSO's channels with
+    # their own weights (false) are the lead of docs/channel-recovery.md at 5 fine-tuning epochs.
+    refit: Union[bool, Literal["auto"]] = "auto"
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
     # Hardware-friendly widths: CPU kernels (XNNPACK) compute output channels in SIMD blocks, so
     # a layer cut to 5 channels costs about what 8 cost. Counts are multiples of channel_multiple
@@ -92,6 +96,8 @@ class ChannelConfig:
     protect: Tuple[str, ...] = ()  # group names never pruned (a producer, or producer[a:b] for a stream band)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.refit, bool) or self.refit == "auto"):
+            raise ConfigError(f"channel.refit = {self.refit!r} is not allowed; choose one of: auto, true, false")
         if self.criterion not in ("auto", "search") and self.criterion not in CRITERIA:
             raise ConfigError(f"channel.criterion = {self.criterion!r} is not allowed; choose one of: "
                               f"{', '.join(['auto', *CRITERIA, 'search'])}")
@@ -387,9 +393,13 @@ class ChannelPruningLearner(Learner):
         model = self.baseline
         analysis = self.analysis(model)
         ratios = {name: count / analysis.groups[name].channels for name, count in hparams.keep_counts.items()}
-        samples = self._sample_images() if hparams.criterion != "l1" else None
+        refit = None if self.options.refit == "auto" else self.options.refit
+        chosen = criterion_named(hparams.criterion)
+        needs_samples = chosen.needs_samples or (chosen.reconstructs if refit is None else refit)
+        samples = self._sample_images() if needs_samples else None
         pruned, info = prune_model(model, ratios, criterion=hparams.criterion, sample_images=samples,
-                                   analysis=analysis, seed=self.context.seed, cache=self._baseline_cache)
+                                   reconstruct=refit, analysis=analysis, seed=self.context.seed,
+                                   cache=self._baseline_cache)
         if info.not_reconstructed:
             log.debug("not reconstructed: %s", info.not_reconstructed)
         if self.options.recalibrate_batches > 0:

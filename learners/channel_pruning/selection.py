@@ -76,7 +76,7 @@ def _terminators(analysis: ChannelAnalysis, groups: List[str]) -> Tuple[List[str
 
 def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criterion: str = "l1",
                 sample_images: Optional[np.ndarray] = None, *, reconstruct: Optional[bool] = None,
-                sequential: bool = True, analysis: Optional[ChannelAnalysis] = None,
+                sequential: bool = True, centered: bool = True, analysis: Optional[ChannelAnalysis] = None,
                 positions_per_image: int = 16, batch_size: int = 128, seed: int = 0,
                 cache: Optional[BaselineCache] = None) -> Tuple[tf.keras.Model, PruneInfo]:
     """Prune each group to max(1, round(ratio * channels)) channels; returns (model, info).
@@ -88,7 +88,10 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     reconstruct: re-fit the layers that read pruned channels by least squares (default: on
     for "lasso"/"greedy", off for "l1"). sequential: re-fit layer after layer on the inputs
     of the already re-fitted pruned model (corrects the error that accumulates along the
-    net); False re-fits all from the original's inputs. Groups not named in ``keep_ratios``
+    net); False re-fits all from the original's inputs. centered: the criterion counts only the varying
+    part of each channel's contribution where the reader has a bias or BatchNorm to take up a constant
+    (the re-fit's intercept, BatchNorm re-estimation or fine-tuning does); False where the pruned
+    model is used as it is. Groups not named in ``keep_ratios``
     keep all their channels. Groups whose readers cannot be re-fitted (SeparableConv2D,
     Conv1D, ...) fall back to L1. cache: an empty BaselineCache to fill, then pass again with the
     same model, images and seed: the original model's sampled moments and re-fit targets are the
@@ -129,7 +132,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
             keep[group] = l1_keep(analysis, group, counts[group])
             selection[group] = f"l1 (fallback: {'; '.join(blocked) or 'no reader to sample'})"
         else:
-            keep[group] = chosen.keep(analysis, group, counts[group], moments, centered=reconstruct)
+            keep[group] = chosen.keep(analysis, group, counts[group], moments, centered=centered)
             selection[group] = criterion
 
     new_weights: Dict[str, List[np.ndarray]] = {}

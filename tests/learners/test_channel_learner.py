@@ -123,6 +123,42 @@ def test_l1_and_greedy_criteria(trained):
         assert 2.0 <= learner.candidate_metrics(learner.compress(hparams))["speedup"] <= 2.1
 
 
+def _copied_from(candidate: tf.keras.Model, baseline: tf.keras.Model) -> dict:
+    """Per conv/dense layer of the candidate: whether every kernel weight is one of the baseline layer's
+    (pruning only slices; a least-squares re-fit writes new values)."""
+    return {layer.name: bool(np.isin(layer.kernel.numpy(), baseline.get_layer(layer.name).kernel.numpy()).all())
+            for layer in candidate.layers if isinstance(layer, (tf.keras.layers.Conv2D, tf.keras.layers.Dense))}
+
+
+@pytest.mark.parametrize("criterion, refit, refitted", [("lasso", "auto", True), ("lasso", False, False),
+                                                         ("l1", "auto", False), ("l1", True, True)])
+def test_refit_option_decides_whether_the_readers_are_refitted(trained, criterion, refit, refitted):
+    learner = learner_for(trained, 2.0, criterion=criterion, refit=refit, recalibrate_batches=0)
+    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    copied = _copied_from(candidate.model, trained[1])
+    assert candidate.model.count_params() < trained[1].count_params()
+    if refitted:  # the readers of pruned channels hold new weights; the first conv reads the image, unpruned
+        first = next(layer.name for layer in candidate.model.layers if isinstance(layer, tf.keras.layers.Conv2D))
+        assert not all(copied.values()) and copied[first], copied
+    else:
+        assert all(copied.values()), copied
+
+
+def test_lasso_without_a_refit_chooses_channels_for_what_they_vary(trained, monkeypatch):
+    """Without the re-fit, LASSO's contributions are centred (a constant is what BatchNorm re-estimation and
+    fine-tuning take up first), as with the re-fit, whose intercept takes it up."""
+    import learners.channel_pruning.criteria as criteria
+
+    seen = []
+    original = criteria._contribution_gram
+    monkeypatch.setattr(criteria, "_contribution_gram",
+                        lambda *args, centered: seen.append(centered) or original(*args, centered=centered))
+    for refit in (False, "auto"):
+        learner = learner_for(trained, 2.0, criterion="lasso", refit=refit, recalibrate_batches=0)
+        learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    assert seen and all(seen)
+
+
 def test_uniform_mode_has_a_single_candidate(trained):
     learner = learner_for(trained, 2.0, mode="uniform")
     assert learner.max_trials() == 1 and learner.reference_params() == {}
@@ -153,6 +189,8 @@ def test_search_criterion_and_reachable(trained):
 def test_bad_options():
     with pytest.raises(ConfigError, match="channel.min_ratio = 0.0"):
         ChannelConfig(min_ratio=0.0)
+    with pytest.raises(ConfigError, match="channel.refit = 'sometimes' is not allowed; choose one of: auto, true"):
+        ChannelConfig(refit="sometimes")
     with pytest.raises(ConfigError, match="not prunable groups"):
         learner_for_protect = ChannelConfig(protect=("no_such_layer",))
         dataset = load_dataset(DataConfig(name="digits"), seed=0)
