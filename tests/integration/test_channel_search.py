@@ -49,7 +49,9 @@ def test_default_channel_job_meets_the_target_and_ships_a_smaller_faster_file(tm
     # channel.criterion = auto: 6 fine-tuning epochs (20% of the digits recipe) select by L1, and the
     # report quotes the rank quality measured for that criterion's trial score.
     assert best["hyperparameters"]["criterion"] == "l1"
+    assert best["hyperparameters"]["refit"] is False
     assert best["trial_score_rank_correlation"]["criterion"] == "l1"
+    assert best["trial_score_rank_correlation"]["refit"] is False
     assert "Trial score:" in (out / "report.md").read_text()
     model = tf.keras.models.load_model(best["model_path"], compile=False)
     assert model.count_params() == best["params"]

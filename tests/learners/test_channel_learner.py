@@ -134,7 +134,9 @@ def _copied_from(candidate: tf.keras.Model, baseline: tf.keras.Model) -> dict:
                                                          ("l1", "auto", False), ("l1", True, True)])
 def test_refit_option_decides_whether_the_readers_are_refitted(trained, criterion, refit, refitted):
     learner = learner_for(trained, 2.0, criterion=criterion, refit=refit, recalibrate_batches=0)
-    candidate = learner.compress(learner.search_space(optuna.trial.FixedTrial(learner.reference_params())))
+    hyperparameters = learner.search_space(optuna.trial.FixedTrial(learner.reference_params()))
+    assert hyperparameters.refit is refitted  # what the report's hyperparameters say
+    candidate = learner.compress(hyperparameters)
     copied = _copied_from(candidate.model, trained[1])
     assert candidate.model.count_params() < trained[1].count_params()
     if refitted:  # the readers of pruned channels hold new weights; the first conv reads the image, unpruned
