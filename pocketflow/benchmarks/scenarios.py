@@ -274,6 +274,17 @@ add(
     Scenario("resnet20-channel-lasso-norefit-2x-5ep", "resnet20", "channel", ("--target-speedup", "2.0"),
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=lasso",
               "--set", "channel.refit=false"), minutes=15),
+    # The L1 rows above with the distillation's temperature at 8 instead of 4: the same search and candidates
+    # (the trial score does not distil), only the fine-tuning's soft targets differ.
+    Scenario("resnet20-channel-l1-3x-5ep-t8", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
+              "--distill-temperature", "8"), minutes=15),
+    Scenario("resnet20-channel-l1-3x-5ep-seed1-t8", "resnet20", "channel", ("--target-speedup", "3.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1", "--seed", "1",
+              "--distill-temperature", "8"), minutes=15),
+    Scenario("resnet20-channel-l1-2x-5ep-t8", "resnet20", "channel", ("--target-speedup", "2.0"),
+             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
+              "--distill-temperature", "8"), minutes=15),
     # The default 3x row above distilled from the shared ResNet-56 (93.39%) instead of the ResNet-20 being
     # pruned (91.73%): the same search and candidate, a stronger teacher (--teacher).
     Scenario("resnet20-channel-3x-5ep-teacher56", "resnet20", "channel", ("--target-speedup", "3.0"),
