@@ -10,6 +10,7 @@ plain dicts here and validated against the learner's own Config dataclass by
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,7 +314,9 @@ def check_fields(section: str, config: Any, rules: Mapping[str, Rule]) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error (not 'the last wins')."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not 'the last wins'), and
+    that an exponent without a dot is a number: YAML 1.1 (PyYAML) reads ``1e-4`` as a string, so
+    ``--set train.weight_decay=1e-4`` was refused with "must be a number" (YAML 1.2 reads it as a float)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
         seen = set()
@@ -326,6 +329,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"the key '{key}' appears twice in one mapping", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(  # after the int and YAML 1.1 float patterns, which are tried first
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def load_yaml_file(path: str) -> Dict[str, Any]:
@@ -365,7 +373,7 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set '{text}' has no key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         raise ConfigError(f"--set '{text}': the value '{raw}' is not valid YAML; quote it") from None
     return key, value

@@ -62,6 +62,21 @@ def test_overrides_parse_yaml_values():
     assert config.hpo.storage is None and config.learner_section("channel") == {"criterion": "l1"}
 
 
+def test_an_exponent_without_a_dot_is_a_number_in_set_and_in_config_files(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-4 as a string, and the run refused it as "must be a number"; a quoted
+    value stays a string, and a word that only starts like a number is not read as one."""
+    data = {}
+    for text in ["train.weight_decay=1e-4", "train.learning_rate=2E-2", "hpo.study_name='1e3'"]:
+        apply_override(data, *parse_override(text))
+    config = build(data)
+    assert config.train.weight_decay == pytest.approx(1e-4) and config.train.learning_rate == pytest.approx(0.02)
+    assert data["hpo"]["study_name"] == "1e3"
+    assert parse_override("a.b=12e3x")[1] == "12e3x" and parse_override("a.b=[1e-4, 5]")[1] == [1e-4, 5]
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  weight_decay: 5e-5\n")
+    assert build(load_yaml_file(str(path))).train.weight_decay == pytest.approx(5e-5)
+
+
 @pytest.mark.parametrize("text", ["train.epochs", "=3", "a.b=[1,"])
 def test_bad_overrides(text):
     with pytest.raises(ConfigError):
