@@ -285,17 +285,6 @@ add(
     Scenario("resnet20-channel-l1-2x-5ep-t8", "resnet20", "channel", ("--target-speedup", "2.0"),
              ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
               "--distill-temperature", "8"), minutes=15),
-    # ... and with the fine-tuning's weight decay at 1e-4 (the pretrained nets' own recipe) instead of the
-    # CIFAR recipe's 5e-4: again the same search and candidates, only the fine-tuning differs.
-    Scenario("resnet20-channel-l1-3x-5ep-wd1e-4", "resnet20", "channel", ("--target-speedup", "3.0"),
-             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
-              "--set", "train.weight_decay=1e-4"), minutes=15),
-    Scenario("resnet20-channel-l1-3x-5ep-seed1-wd1e-4", "resnet20", "channel", ("--target-speedup", "3.0"),
-             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1", "--seed", "1",
-              "--set", "train.weight_decay=1e-4"), minutes=15),
-    Scenario("resnet20-channel-l1-2x-5ep-wd1e-4", "resnet20", "channel", ("--target-speedup", "2.0"),
-             ("--trials", "10", "--finetune-epochs", "5", "--set", "channel.criterion=l1",
-              "--set", "train.weight_decay=1e-4"), minutes=15),
     # The default 3x row above distilled from the shared ResNet-56 (93.39%) instead of the ResNet-20 being
     # pruned (91.73%): the same search and candidate, a stronger teacher (--teacher).
     Scenario("resnet20-channel-3x-5ep-teacher56", "resnet20", "channel", ("--target-speedup", "3.0"),
