@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,8 +27,13 @@ def test_a_latency_target_is_met_by_the_shipped_file_timed_against_the_baseline(
     The files are 0.1 ms each. With the suite's other worker on the cores one CI sitting (a 2-core AVX2
     machine) measured 1.20x where the plan said 1.38x, so the test runs while no other test does
     (`exclusive`); a miss of the latency target alone (exit 3) is still run again once, in a fresh
-    directory, and the second sitting must meet it."""
+    directory with the width curve measured again (one exclusive sitting on 2026-12-05 measured a curve that
+    was not even monotone, planned 1.40x and shipped 1.21x twice on the same curve), and the second sitting
+    must meet it."""
+    cache = Path(os.environ["POCKETFLOW_CACHE_DIR"])
     for attempt in ("latency", "latency-again"):
+        if attempt == "latency-again":
+            shutil.rmtree(cache / "width_cost", ignore_errors=True)
         out = tmp_path / attempt
         result = subprocess.run(main_command("--learner=channel", "--target-latency-speedup=1.3", "--trials", "4",
                                              "--finetune-epochs", "1", "--output-dir", str(out)),
@@ -43,6 +49,5 @@ def test_a_latency_target_is_met_by_the_shipped_file_timed_against_the_baseline(
     assert prediction["latency_speedup"] >= 1.3 * 1.05 - 1e-9 and len(prediction["width_cost"]["widths"]) >= 8
     assert report["trials"]["completed"] == 4
     assert_report_matches_files(out)
-    cache = os.environ.get("POCKETFLOW_CACHE_DIR")
-    assert cache and list((Path(cache) / "width_cost").glob("*.json")), "the curve is cached for the next run"
+    assert list((cache / "width_cost").glob("*.json")), "the curve is cached for the next run"
     assert (out / "width_cost.json").exists(), "the run records the curve it planned with (for --resume)"
