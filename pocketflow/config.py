@@ -313,7 +313,7 @@ def check_fields(section: str, config: Any, rules: Mapping[str, Rule]) -> None:
             _check(ok(value), f"{section}.{name}", value, rule)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _ConfigLoader(yaml.SafeLoader):
     """yaml.safe_load, except that a key given twice in one mapping is an error (not 'the last wins'), and
     that an exponent without a dot is a number: YAML 1.1 (PyYAML) reads ``1e-4`` as a string, so
     ``--set train.weight_decay=1e-4`` was refused with "must be a number" (YAML 1.2 reads it as a float)."""
@@ -331,7 +331,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_implicit_resolver(  # after the int and YAML 1.1 float patterns, which are tried first
+_ConfigLoader.add_implicit_resolver(  # after the int and YAML 1.1 float patterns, which are tried first
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
 
@@ -350,7 +350,7 @@ def load_yaml_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file '{path}' cannot be read ({reason}); pass a YAML text file to "
                           f"--config") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader that refuses duplicate keys
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -373,7 +373,7 @@ def parse_override(text: str) -> Tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set '{text}' has no key before '='")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         raise ConfigError(f"--set '{text}': the value '{raw}' is not valid YAML; quote it") from None
     return key, value
