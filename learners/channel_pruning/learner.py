@@ -80,6 +80,9 @@ class ChannelConfig:
     # own way: after lasso and greedy, not after l1 and energy), true, or false. LASSO's channels with
     # their own weights (false): ahead of L1 at equal widths at 3x, not once searched (docs/channel-recovery.md).
     refit: Union[bool, Literal["auto"]] = "auto"
+    # Ridge weight pulling the re-fit towards the original kernel (relative to the mean input energy):
+    # 0 is plain least squares; the larger, the closer the kept channels' weights stay to their own.
+    refit_shrinkage: float = 0.0
     min_ratio: float = 0.1  # no group keeps fewer than this fraction of its channels
     # Hardware-friendly widths: CPU kernels (XNNPACK) compute output channels in SIMD blocks, so
     # a layer cut to 5 channels costs about what 8 cost. Counts are multiples of channel_multiple
@@ -105,7 +108,7 @@ class ChannelConfig:
             raise ConfigError(f"channel.min_ratio = {self.min_ratio} is out of range: it must be in (0, 1]")
         check_fields("channel", self, {
             "channel_multiple": AT_LEAST_1, "min_channels": AT_LEAST_1, "recovery_epochs": AT_LEAST_0,
-            "recalibrate_batches": AT_LEAST_0,
+            "recalibrate_batches": AT_LEAST_0, "refit_shrinkage": AT_LEAST_0,
             "sample_images": (lambda value: value >= 16, "must be >= 16")})
 
 
@@ -399,7 +402,7 @@ class ChannelPruningLearner(Learner):
         samples = self._sample_images() if needs_samples else None
         pruned, info = prune_model(model, ratios, criterion=hparams.criterion, sample_images=samples,
                                    reconstruct=hparams.refit, analysis=analysis, seed=self.context.seed,
-                                   cache=self._baseline_cache)
+                                   cache=self._baseline_cache, shrinkage=self.options.refit_shrinkage)
         if info.not_reconstructed:
             log.debug("not reconstructed: %s", info.not_reconstructed)
         if self.options.recalibrate_batches > 0:

@@ -33,9 +33,28 @@ def _bias_sink(analysis: ChannelAnalysis, terminator: str) -> Tuple[bool, Option
     return False, None
 
 
-def _solve(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    ridge = 1e-7 * float(np.mean(np.diag(system))) + 1e-12
-    return np.linalg.solve(system + ridge * np.eye(system.shape[0]), rhs)
+def _solve(system: np.ndarray, rhs: np.ndarray, prior: Optional[np.ndarray] = None,
+           shrinkage: float = 0.0) -> np.ndarray:
+    """Least squares from the normal equations; with ``shrinkage`` > 0, ridge towards ``prior``
+    (the original kernel's rows for the kept features, one row per penalised unknown; an
+    intercept row after them is not penalised). ``shrinkage`` is relative to the mean input
+    energy, so 1 weighs the pull towards the original like one average feature's data."""
+    scale = float(np.mean(np.diag(system)))
+    ridge = np.full(system.shape[0], 1e-7 * scale + 1e-12)
+    target = rhs
+    if shrinkage > 0 and prior is not None:
+        penalised = prior.shape[0]
+        ridge[:penalised] += shrinkage * scale
+        target = rhs.copy()
+        target[:penalised] += shrinkage * scale * prior
+    return np.linalg.solve(system + np.diag(ridge), target)
+
+
+def _original_rows(layer: tf.keras.layers.Layer, kept_inputs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of the kernel features that read kept input channels, the original kernel's rows there)."""
+    kernel = _flat_kernel(layer)
+    columns = np.flatnonzero(np.isin(_feature_channels(layer, kernel.shape[0]), kept_inputs))
+    return columns, kernel[columns]
 
 
 def _refit_weights(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str, np.ndarray],
@@ -66,19 +85,19 @@ def _refit_weights(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str
 
 
 def _refit_from_moments(analysis: ChannelAnalysis, terminator: str, keep: Mapping[str, np.ndarray],
-                        moments: _Moments) -> Tuple[Dict[str, List[np.ndarray]], str]:
+                        moments: _Moments, shrinkage: float = 0.0) -> Tuple[Dict[str, List[np.ndarray]], str]:
     """One-shot re-fit: inputs sampled from the original model, kept channels = a column subset."""
     layer = analysis.layer(terminator)
     kernel = _flat_kernel(layer)
     features = kernel.shape[0]
-    kept_inputs = analysis.input_indices(terminator, keep)
-    columns = np.flatnonzero(np.isin(_feature_channels(layer, features), kept_inputs))
+    columns, prior = _original_rows(layer, analysis.input_indices(terminator, keep))
     intercept, sink = _bias_sink(analysis, terminator)
     if intercept:
         columns = np.append(columns, features)  # the constant-1 feature
     if moments.rows < columns.size:
         return {}, f"{moments.rows} samples for {columns.size} unknowns"
-    solution = _solve(moments.moments[np.ix_(columns, columns)], moments.moments[columns, :features] @ kernel)
+    solution = _solve(moments.moments[np.ix_(columns, columns)], moments.moments[columns, :features] @ kernel,
+                      prior, shrinkage)
     return _refit_weights(analysis, terminator, keep, solution, intercept, sink), ""
 
 
@@ -141,7 +160,8 @@ def _baseline_targets(layer: tf.keras.layers.Layer, inputs: List[np.ndarray], po
 
 def _refit_sequential(analysis: ChannelAnalysis, pruned: tf.keras.Model, keep: Mapping[str, np.ndarray],
                       terminators: List[str], images: np.ndarray, positions: int, batch_size: int,
-                      seed: int, cache: Optional[BaselineCache] = None) -> Tuple[List[str], Dict[str, str]]:
+                      seed: int, cache: Optional[BaselineCache] = None,
+                      shrinkage: float = 0.0) -> Tuple[List[str], Dict[str, str]]:
     """Re-fit ``terminators`` of ``pruned`` in place, in graph order, against the original outputs
     (taken from ``cache`` when an earlier candidate computed them: the baseline is only run for
     the layers whose targets are not there)."""
@@ -171,7 +191,8 @@ def _refit_sequential(analysis: ChannelAnalysis, pruned: tf.keras.Model, keep: M
         if rows < system.shape[0]:
             why_not[name] = f"{rows} samples for {system.shape[0]} unknowns"
             continue
-        for layer_name, weights in _refit_weights(analysis, name, keep, _solve(system, rhs),
+        _, prior = _original_rows(layer, analysis.input_indices(name, keep))
+        for layer_name, weights in _refit_weights(analysis, name, keep, _solve(system, rhs, prior, shrinkage),
                                                   intercept, sink).items():
             pruned_layers[layer_name].set_weights(weights)
         done.append(name)

@@ -78,7 +78,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
                 sample_images: Optional[np.ndarray] = None, *, reconstruct: Optional[bool] = None,
                 sequential: bool = True, centered: bool = True, analysis: Optional[ChannelAnalysis] = None,
                 positions_per_image: int = 16, batch_size: int = 128, seed: int = 0,
-                cache: Optional[BaselineCache] = None) -> Tuple[tf.keras.Model, PruneInfo]:
+                cache: Optional[BaselineCache] = None, shrinkage: float = 0.0) -> Tuple[tf.keras.Model, PruneInfo]:
     """Prune each group to max(1, round(ratio * channels)) channels; returns (model, info).
 
     criterion: "l1" (filter norms, no data); "lasso" (He et al. 2017: LASSO on the channels'
@@ -95,7 +95,9 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     keep all their channels. Groups whose readers cannot be re-fitted (SeparableConv2D,
     Conv1D, ...) fall back to L1. cache: an empty BaselineCache to fill, then pass again with the
     same model, images and seed: the original model's sampled moments and re-fit targets are the
-    same for every candidate, so a search computes them once instead of per trial.
+    same for every candidate, so a search computes them once instead of per trial. shrinkage: ridge
+    weight pulling the re-fit towards the original kernel (relative to the mean input energy; 0 is
+    plain least squares, a large value leaves the kept channels' weights as they were).
     """
     started = time.perf_counter()
     chosen = criterion_named(criterion)
@@ -139,7 +141,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     reconstructed: List[str] = []
     if one_shot:
         for name in terminators:
-            refit, reason = _refit_from_moments(analysis, name, keep, moments[name])
+            refit, reason = _refit_from_moments(analysis, name, keep, moments[name], shrinkage)
             if reason:
                 why_not[name] = reason
                 continue
@@ -148,7 +150,7 @@ def prune_model(model: tf.keras.Model, keep_ratios: Mapping[str, float], criteri
     pruned = prune(model, keep, new_weights, analysis=analysis)
     if reconstruct and not one_shot and terminators:
         reconstructed, failed = _refit_sequential(analysis, pruned, keep, terminators, sample_images,
-                                                  positions_per_image, batch_size, seed, cache)
+                                                  positions_per_image, batch_size, seed, cache, shrinkage)
         why_not.update(failed)
     info = PruneInfo(
         criterion=criterion,

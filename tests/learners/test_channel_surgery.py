@@ -482,6 +482,31 @@ def test_reconstruction_is_exact_on_a_linear_toy(head, criterion, sequential):
     assert relative_error(plain) > 0.1
 
 
+@pytest.mark.parametrize("head", ["conv", "dense"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_refit_shrinkage_moves_the_kept_weights_from_the_exact_fit_towards_their_own(head, sequential):
+    model = _duplicated_linear_model(head, duplicate_reader=True)
+    rng = np.random.default_rng(11)
+    images = rng.normal(size=(60, 8, 8, 3)).astype(np.float32)
+    test = rng.normal(size=(20, 8, 8, 3)).astype(np.float32)
+    reference = model(test).numpy()
+    reader = model.get_layer("c2")
+
+    def fitted(shrinkage):
+        pruned, info = prune_model(model, {"c1": 0.5}, "lasso", images, sequential=sequential,
+                                   shrinkage=shrinkage)
+        kept = np.asarray(info.kept["c1"])
+        original = reader.get_weights()[0].reshape(-1, 8, 5)[:, kept, :]
+        kernel = pruned.get_layer("c2").get_weights()[0].reshape(original.shape)
+        error = float(np.linalg.norm(pruned(test).numpy() - reference) / np.linalg.norm(reference))
+        return float(np.linalg.norm(kernel - original) / np.linalg.norm(original)), error
+
+    distances, errors = zip(*(fitted(shrinkage) for shrinkage in (0.0, 0.1, 1.0, 1e6)))
+    assert errors[0] < 1e-3 and distances[0] > 0.3  # the exact fit moves the duplicates' weight over
+    assert distances[0] > distances[1] > distances[2] > distances[3] and distances[3] < 1e-4
+    assert errors[0] < errors[1] < errors[2] < errors[3]  # and pays for it in fit
+
+
 def test_lasso_falls_back_to_l1_when_it_cannot_refit(rng):
     model = _randomize(separable_block(), rng)
     images = rng.normal(size=(16, 10, 10, 3)).astype(np.float32)
