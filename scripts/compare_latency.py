@@ -14,6 +14,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pocketflow import keras_setup  # noqa: E402
+
+keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
+
 from pocketflow.export import compare_latency, runtime_name  # noqa: E402
 
 

@@ -19,6 +19,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pocketflow import keras_setup  # noqa: E402
+
+keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -29,6 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pocketflow import keras_setup  # noqa: E402
+
+keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
+
 PRECISIONS = ("float32", "bfloat16")
 TRACING_STEPS = 3
 

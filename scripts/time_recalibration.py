@@ -17,6 +17,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pocketflow import keras_setup  # noqa: E402
+
+keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
