@@ -21,7 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pocketflow  # noqa: E402,F401  (picks the process's Keras first)
+from pocketflow import keras_setup  # noqa: E402  (picks the process's Keras first)
+
+keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
+
 from pocketflow.benchmarks import harness  # noqa: E402
 from pocketflow.benchmarks.scenarios import ORDER, SCENARIOS, published_figures, select  # noqa: E402
 from pocketflow.errors import ConfigError  # noqa: E402
