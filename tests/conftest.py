@@ -20,28 +20,28 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
-# Seconds per file measured in a clean-clone run on a 2-core AVX2 machine (2026-12-05, commit 35ba6b6,
-# 29.6 minutes). With two workers taking whole files, the longest go first so that no worker is left
-# alone with a long file at the end (pytest-xdist's own order, by number of tests, left the end-to-end
-# files for last: 34.1 minutes the run before).
+# Seconds per file (setup, call and teardown summed from --durations=0) in a clean-clone run on a 2-core
+# AVX2 machine (2026-12-06, commit e2adfc9, 13.8 minutes). With two workers taking whole files, the longest
+# go first so that no worker is left alone with a long file at the end (pytest-xdist's own order, by number
+# of tests, left the end-to-end files for last: 34.1 minutes, against 29.6 in this order, on 2026-12-05).
 LONGEST_FILES = (
-    "tests/learners/test_chain_targets.py",  # 427
-    "tests/integration/test_horovod.py",  # 310 (its chain's baseline now trains 8 epochs, not 30: -29 s)
-    "tests/reliability/test_interrupt_and_resume.py",  # 292
-    "tests/integration/test_channel_search.py",  # 249
-    "tests/learners/test_distillation.py",  # 151, and about 60 more since its Pareto teacher test (not in that run)
-    "tests/learners/test_lifecycle.py",  # 191
-    "tests/learners/test_chain.py",  # 159
-    "tests/integration/test_cli.py",  # 143
-    "tests/learners/test_nonuniform_quantization.py",  # 139
-    "tests/learners/test_weight_sparsification.py",  # 139
-    "tests/hpo/test_pareto.py",  # 129
-    "tests/reliability/test_resume_determinism.py",  # 84
-    "tests/learners/test_mixed_precision.py",  # 84
-    "tests/learners/test_product_quantization.py",  # 75
-    "tests/learners/test_uniform_quantization.py",  # 73
-    "tests/nets/test_nets.py",  # 65
-    "tests/learners/test_channel_learner.py",  # 61
+    "tests/learners/test_chain_targets.py",  # 248
+    "tests/integration/test_horovod.py",  # 146
+    "tests/reliability/test_interrupt_and_resume.py",  # 133
+    "tests/learners/test_lifecycle.py",  # 96
+    "tests/learners/test_distillation.py",  # 93
+    "tests/integration/test_channel_search.py",  # 83
+    "tests/learners/test_nonuniform_quantization.py",  # 73
+    "tests/learners/test_weight_sparsification.py",  # 73
+    "tests/learners/test_chain.py",  # 69
+    "tests/integration/test_cli.py",  # 61
+    "tests/learners/test_product_quantization.py",  # 57
+    "tests/hpo/test_pareto.py",  # 52
+    "tests/nets/test_nets.py",  # 49
+    "tests/learners/test_uniform_quantization.py",  # 47
+    "tests/learners/test_channel_learner.py",  # 41
+    "tests/learners/test_mixed_precision.py",  # 35
+    "tests/learners/test_channel_on_builtin_nets.py",  # 33
 )
 
 
