@@ -26,11 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pocketflow import keras_setup  # noqa: E402
+from pocketflow import keras_setup  # noqa: E402  (one Keras for the process)
 
 keras_setup.start_quietly()  # TensorFlow's start-up noise kept off stderr
 
-import pocketflow  # noqa: E402,F401  (one Keras for the process)
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402

@@ -7,11 +7,9 @@ pocketflow.export.compare_latency.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pocketflow import keras_setup  # noqa: E402

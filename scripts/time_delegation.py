@@ -11,12 +11,10 @@ that is worth and checks the two files agree (outputs on random inputs).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pocketflow import keras_setup  # noqa: E402

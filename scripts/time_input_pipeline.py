@@ -11,12 +11,10 @@ pipeline (augmentation, preprocessing) costs training time and should be made ch
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pocketflow import keras_setup  # noqa: E402
