@@ -191,7 +191,7 @@ def _refit_sequential(analysis: ChannelAnalysis, pruned: tf.keras.Model, keep: M
         if rows < system.shape[0]:
             why_not[name] = f"{rows} samples for {system.shape[0]} unknowns"
             continue
-        _, prior = _original_rows(layer, analysis.input_indices(name, keep))
+        prior = _original_rows(layer, analysis.input_indices(name, keep))[1] if shrinkage > 0 else None
         for layer_name, weights in _refit_weights(analysis, name, keep, _solve(system, rhs, prior, shrinkage),
                                                   intercept, sink).items():
             pruned_layers[layer_name].set_weights(weights)
